@@ -1,0 +1,80 @@
+"""The description of a hooked model (``model.cfg``), read from its Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["HookedRecurrentConfig", "LAYER_KINDS"]
+
+# Layer kinds, and the name of the mixer's hook container inside ``blocks.{l}``.
+LAYER_KINDS = {"gated_deltanet": "linear_attn", "attention": "attn", "mamba2": "mixer"}
+
+
+@dataclass
+class HookedRecurrentConfig:
+    """What a `HookedRecurrentModel` is made of.
+
+    Attributes:
+        model_name: Hub id, local path or short name the model was loaded from.
+        architecture: The HF class, e.g. ``"Qwen3_5ForCausalLM"`` or ``"Mamba2ForCausalLM"``.
+        n_layers: Number of blocks.
+        d_model: Residual stream width.
+        d_vocab: Vocabulary size.
+        layer_types: Kind of each block's mixer: ``"gated_deltanet"``, ``"attention"`` or ``"mamba2"``.
+        n_heads: Recurrent heads per matrix-recurrent layer (GDN value heads, Mamba-2 heads).
+        d_k: Key dimension of each head's state (GDN key head dim, Mamba-2 ``d_state``).
+        d_v: Value dimension of each head's state (GDN value head dim, Mamba-2 ``head_dim``).
+        n_key_heads: GDN query/key heads (shared by ``n_heads // n_key_heads`` value heads).
+        n_groups: Mamba-2 B/C groups (shared by ``n_heads // n_groups`` heads).
+        d_mlp: MLP width (None when blocks have no MLP).
+        n_attn_heads: Query heads of attention layers.
+        n_kv_heads: Key/value heads of attention layers.
+        d_head: Head dimension of attention layers.
+        conv_kernel: Width of the short causal convolution.
+        dtype: Parameter dtype.
+        device: Device of the parameters.
+        default_prepend_bos: Whether `to_tokens` prepends a BOS token by default.
+    """
+
+    model_name: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    layer_types: list[str]
+    n_heads: int
+    d_k: int
+    d_v: int
+    n_key_heads: int | None = None
+    n_groups: int | None = None
+    d_mlp: int | None = None
+    n_attn_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_head: int | None = None
+    conv_kernel: int | None = None
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    default_prepend_bos: bool = False
+    normalization_type: str = "RMS"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recurrent_layers(self) -> list[int]:
+        """Indices of the matrix-recurrent layers (those with write and state hooks)."""
+        return [i for i, kind in enumerate(self.layer_types) if kind in ("gated_deltanet", "mamba2")]
+
+    def mixer_name(self, layer: int) -> str:
+        """The hook sub-path of a layer's mixer: ``linear_attn``, ``attn`` or ``mixer``."""
+        return LAYER_KINDS[self.layer_types[layer]]
+
+    def hook_name(self, layer: int, hook: str) -> str:
+        """Full name of a mixer hook, e.g. ``cfg.hook_name(9, "hook_write")``."""
+        return f"blocks.{layer}.{self.mixer_name(layer)}.{hook}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d

@@ -1,0 +1,82 @@
+"""One loading path for hub ids and local directories (and names of built-in models).
+
+``AutoModelForCausalLM`` maps a multimodal Qwen3.5 checkpoint (``Qwen3_5ForConditionalGeneration``,
+as published for ``Qwen/Qwen3.5-0.8B``) onto ``Qwen3_5ForCausalLM`` and ignores the vision tower,
+so a hub id and a local copy of the same checkpoint take exactly the same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..presets import PRESETS, build_preset
+
+__all__ = ["load_hf_model", "load_tokenizer", "text_model_of"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    **hf_kwargs: Any,
+) -> tuple[PreTrainedModel, Any]:
+    """Load an HF causal LM and its tokenizer (None if it has none).
+
+    Args:
+        name_or_path: A hub id, a local directory, or a built-in name (``tiny-random:qwen3.5``...).
+        dtype: Parameter dtype (default float32, which the exactness guarantees assume).
+        **hf_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        ``(hf_model, tokenizer_or_None)``.
+    """
+    dtype = dtype or torch.float32
+    if name_or_path in PRESETS:
+        return build_preset(name_or_path, dtype=dtype), None
+    if ":" in name_or_path and name_or_path.split(":", 1)[0] in {p.split(":", 1)[0] for p in PRESETS}:
+        raise KeyError(f"Unknown built-in model {name_or_path!r}; built-in names: {', '.join(sorted(PRESETS))}")
+    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
+    return text_model_of(hf_model).eval(), load_tokenizer(name_or_path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The checkpoint's tokenizer, or None when it ships none (the model then runs on token ids)."""
+    local = Path(name_or_path)
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        logger.info("%s has no tokenizer files; the model runs on token tensors only.", name_or_path)
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("No tokenizer for %s (%s); the model runs on token tensors only.", name_or_path, err)
+        return None
+    # transformers builds an empty tokenizer from the config alone when no files exist.
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def text_model_of(hf_model: nn.Module) -> nn.Module:
+    """The causal text model inside a multimodal Qwen3.5 model (sharing its modules), else the model.
+
+    Args:
+        hf_model: An HF model instance.
+    """
+    if type(hf_model).__name__ == "Qwen3_5ForConditionalGeneration":
+        from transformers import Qwen3_5ForCausalLM
+
+        with torch.device("meta"):
+            causal = Qwen3_5ForCausalLM(hf_model.config.text_config)
+        causal.model = hf_model.model.language_model
+        causal.lm_head = hf_model.lm_head
+        return causal.to(next(hf_model.parameters()).device)
+    return hf_model

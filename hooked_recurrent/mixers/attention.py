@@ -1,0 +1,123 @@
+"""Qwen3.5 gated attention with hook points.
+
+Hook points (at ``blocks.{l}.attn``)::
+
+    hook_q            [batch, pos, head, d_head]       queries after q_norm and RoPE
+    hook_k            [batch, pos, kv_head, d_head]    keys after k_norm and RoPE (the cache write)
+    hook_v            [batch, pos, kv_head, d_head]    values (the cache write)
+    hook_attn_scores  [batch, head, query_pos, key_pos]  scaled, masked scores (lazy)
+    hook_pattern      [batch, head, query_pos, key_pos]  softmax pattern (lazy)
+    hook_z            [batch, pos, head, d_head]       attention-weighted values, before the gate
+    hook_gate         [batch, pos, head, d_head]       sigmoid output gate
+    hook_out          [batch, pos, d_model]            output projection
+
+When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the HF attention kernel
+(SDPA by default) runs unchanged; otherwise the pattern is computed explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
+
+from ..hook_points import HookPoint
+
+__all__ = ["GatedAttentionHooks"]
+
+
+class GatedAttentionHooks(nn.Module):
+    """Hook points of one Qwen3.5 attention layer; its forward replaces the HF module's.
+
+    Args:
+        hf_module: The ``Qwen3_5Attention`` it hooks (a plain reference, not re-registered).
+    """
+
+    def __init__(self, hf_module: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["hf"] = hf_module
+        self.hook_q = HookPoint("batch pos head d_head")
+        self.hook_k = HookPoint("batch pos kv_head d_head")
+        self.hook_v = HookPoint("batch pos kv_head d_head")
+        self.hook_attn_scores = HookPoint("batch head query_pos key_pos")
+        self.hook_pattern = HookPoint("batch head query_pos key_pos")
+        self.hook_z = HookPoint("batch pos head d_head")
+        self.hook_gate = HookPoint("batch pos head d_head")
+        self.hook_out = HookPoint("batch pos d_model")
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        attention_mask: Tensor | None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Same computation as ``Qwen3_5Attention.forward``, with hooks."""
+        m = self.hf
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, m.head_dim)
+        query, gate = torch.chunk(m.q_proj(hidden_states).view(*input_shape, -1, m.head_dim * 2), 2, dim=-1)
+        query = m.q_norm(query.reshape(hidden_shape)).transpose(1, 2)
+        key = m.k_norm(m.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value = m.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = hf_qwen.apply_rotary_pos_emb(query, key, cos, sin)
+        query = self.hook_q(query.transpose(1, 2)).transpose(1, 2)
+        key = self.hook_k(key.transpose(1, 2)).transpose(1, 2)
+        value = self.hook_v(value.transpose(1, 2)).transpose(1, 2)
+
+        if cache is not None:
+            key, value = cache.update(key, value, m.layer_idx, kwargs=kwargs)
+
+        if self.hook_pattern.has_fwd_hooks() or self.hook_attn_scores.has_fwd_hooks():
+            z, weights = self._explicit_attention(query, key, value, attention_mask)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                m.config._attn_implementation, hf_qwen.eager_attention_forward
+            )
+            z, weights = attention(
+                m,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=0.0 if not m.training else m.attention_dropout,
+                scaling=m.scaling,
+                **kwargs,
+            )
+        z = self.hook_z(z)  # [batch pos head d_head]
+        gate = self.hook_gate(torch.sigmoid(gate))
+        out = (z.reshape(*input_shape, -1) * gate.reshape(*input_shape, -1)).contiguous()
+        return self.hook_out(m.o_proj(out)), weights
+
+    def _explicit_attention(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        m = self.hf
+        key = hf_qwen.repeat_kv(key, m.num_key_value_groups)
+        value = hf_qwen.repeat_kv(value, m.num_key_value_groups)
+        scores = torch.matmul(query, key.transpose(2, 3)) * m.scaling
+        scores = self.hook_attn_scores(scores + _additive_mask(attention_mask, scores))
+        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # SDPA with a boolean mask gives zero output for rows that may attend nowhere
+            # (left-padded query positions); match it.
+            pattern = pattern * attention_mask[..., : key.shape[2]].any(-1, keepdim=True)
+        pattern = self.hook_pattern(pattern)
+        return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
+
+
+def _additive_mask(mask: Tensor | None, scores: Tensor) -> Tensor:
+    """Turn whatever mask the model built (None, bool or additive) into an additive mask."""
+    q_len, kv_len = scores.shape[-2:]
+    if mask is None:
+        # Causal, with the queries being the last q_len of kv_len positions.
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+    if mask.dtype == torch.bool:
+        blocked = torch.full((), torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+        return torch.where(mask[..., :kv_len], scores.new_zeros(()), blocked)
+    return mask[..., :kv_len].to(scores.dtype)

@@ -1,0 +1,393 @@
+"""HookedRecurrentModel: a TransformerLens-style hooked model around a Hugging Face recurrent LM.
+
+The HF model runs as it is: its modules keep their paths and parameters, and the forwards of its
+blocks, mixers and MLPs are routed through hook containers that compute the same thing with named
+hook points in between (the TransformerBridge idea: wrap, don't reimplement the model). On top of
+the usual residual-stream and attention hooks, every matrix-recurrent mixer exposes its rank-1
+write, its state, its gates and its read (see `hooked_recurrent.mixers.base`), lazily: writes and
+states are only materialised when a hook or a cache asks for them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from .architectures import architecture_of
+from .blocks import FinalNormHooks, RunContext, StopForward
+from .components import OutputHook
+from .config import HookedRecurrentConfig
+from .hook_points import HookPoint, observer
+from .loading import load_hf_model, text_model_of
+
+__all__ = ["HookedRecurrentModel"]
+
+NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
+
+
+class HookedRecurrentModel(HookedRootModule):
+    """A hooked Qwen3.5 (Gated DeltaNet + attention) or Mamba-2 language model.
+
+    Hooks are added and removed exactly as in TransformerLens (``run_with_hooks``,
+    ``run_with_cache``, ``hooks()``, ``add_hook``, ``reset_hooks``); ``model.hook_dict`` lists every
+    hook point. Hook functions receive ``(activation, hook)`` and may return a replacement of the
+    same shape and dtype. Edits of ``hook_write`` and ``hook_state`` propagate through the
+    recurrence (later states and reads see them); see `hooked_recurrent.mixers.base`.
+
+    Example:
+        >>> model = HookedRecurrentModel.from_pretrained("tiny-random:qwen3.5")
+        >>> tokens = torch.arange(12).reshape(2, 6)
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_write"))
+        >>> cache["blocks.0.linear_attn.hook_write"].shape
+        torch.Size([2, 6, 4, 16, 24])
+
+    Args:
+        hf_model: A supported HF causal LM (``Qwen3_5ForCausalLM``, ``Mamba2ForCausalLM``).
+        tokenizer: Its tokenizer, or None to work on token tensors only.
+        model_name: Name recorded in ``cfg.model_name``.
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, model_name: str | None = None) -> None:
+        super().__init__()
+        hf_model = text_model_of(hf_model)
+        arch = architecture_of(hf_model)
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.__dict__["architecture"] = arch
+        self.__dict__["context"] = RunContext()
+        name = model_name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.cfg: HookedRecurrentConfig = arch.describe(hf_model, name, tokenizer)
+
+        self.hook_embed = HookPoint("batch pos d_model")
+        self.blocks = nn.ModuleList(
+            arch.build_block(layer, i, self.context) for i, layer in enumerate(arch.layers(hf_model))
+        )
+        self.ln_final = FinalNormHooks(arch.final_norm(hf_model), self.context, self.cfg.n_layers)
+        self._install()
+        self.setup()
+
+    def _install(self) -> None:
+        embedding = self.architecture.embedding(self.hf_model)
+        self.__dict__["_embed_hook"] = OutputHook(embedding, self.hook_embed)
+        embedding.forward = self._embed_hook.forward
+        self.architecture.final_norm(self.hf_model).forward = self.ln_final.forward
+        for block in self.blocks:
+            block.install()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        hf_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        **hf_kwargs: Any,
+    ) -> HookedRecurrentModel:
+        """Load a model from a hub id, a local directory, or a built-in name.
+
+        Hub ids and local directories take the same path (``AutoModelForCausalLM``); a multimodal
+        Qwen3.5 checkpoint loads as its text model. Built-in names: ``tiny-random:qwen3.5`` (random
+        weights, for tests and demos).
+
+        Args:
+            name_or_path: Hub id, local directory or built-in name.
+            device: Where to put the model (default: CUDA if available, else CPU).
+            dtype: Parameter dtype (default float32).
+            hf_model: An already built HF model to wrap instead of loading one.
+            tokenizer: A tokenizer to use instead of the checkpoint's.
+            **hf_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if hf_model is None:
+            hf_model, loaded_tokenizer = load_hf_model(name_or_path, dtype=dtype, **hf_kwargs)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        elif dtype is not None:
+            hf_model = hf_model.to(dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = cls(hf_model.to(device), tokenizer=tokenizer, model_name=name_or_path)
+        return model.eval()
+
+    def to(self, *args: Any, **kwargs: Any) -> HookedRecurrentModel:
+        out = super().to(*args, **kwargs)
+        param = next(self.hf_model.parameters())
+        self.cfg.device, self.cfg.dtype = str(param.device), param.dtype
+        return out
+
+    # ------------------------------------------------------------------ tokens
+
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs a tokenizer, and this model has none; pass token tensors instead, or "
+                "give one with HookedRecurrentModel.from_pretrained(..., tokenizer=...)."
+            )
+        return self.tokenizer
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenize a string or a batch of strings (padded), as TransformerLens does."""
+        return self._tokenize(input, prepend_bos, padding_side, move_to_device, truncate)[0]
+
+    def _tokenize(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        tokenizer = self._require_tokenizer("Tokenizing text")
+        texts = [input] if isinstance(input, str) else list(input)
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if prepend_bos:
+            if tokenizer.bos_token is None:
+                raise ValueError("prepend_bos=True, but the tokenizer has no BOS token.")
+            texts = [tokenizer.bos_token + t for t in texts]
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = padding_side or old_side
+        try:
+            encoded = tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=truncate,
+                add_special_tokens=False,
+            )
+        finally:
+            tokenizer.padding_side = old_side
+        tokens, mask = encoded["input_ids"], encoded["attention_mask"]
+        if move_to_device:
+            tokens, mask = tokens.to(self.cfg.device), mask.to(self.cfg.device)
+        return tokens, mask
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
+        """Decode tokens (a 1-D sequence gives a string, a batch a list of strings)."""
+        tokenizer = self._require_tokenizer("to_string")
+        if isinstance(tokens, Tensor) and tokens.dim() > 1:
+            return [self.to_string(t) for t in tokens]
+        return tokenizer.decode(tokens)
+
+    def to_str_tokens(self, input: str | Tensor | list[int], prepend_bos: bool | None = None) -> list[str]:
+        """Each token of a string or a 1-D token sequence, as a string."""
+        tokenizer = self._require_tokenizer("to_str_tokens")
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        if isinstance(input, Tensor):
+            if input.dim() > 1:
+                if input.shape[0] != 1:
+                    raise ValueError("to_str_tokens takes one sequence; index the batch first.")
+                input = input[0]
+            input = input.tolist()
+        return [tokenizer.decode([t]) for t in input]
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token."""
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if len(tokens) != 1:
+            raise ValueError(f"{string!r} is {len(tokens)} tokens, not one: {self.to_str_tokens(tokens)}")
+        return int(tokens[0])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input: str | list[str] | Int[Tensor, "batch pos"],
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        stop_at_layer: int | None = None,
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: Text (tokenized with `to_tokens`) or a ``[batch, pos]`` token tensor.
+            return_type: ``"logits"``, ``"loss"``, ``"both"`` (a ``(logits, loss)`` tuple) or None.
+            attention_mask: 1 for real tokens, 0 for (left) padding; built from the tokenizer for text.
+            stop_at_layer: Stop before this block and return the residual stream
+                ``[batch, pos, d_model]`` (``n_layers``: before the final norm). Negative counts
+                from the end.
+            loss_per_token: Return the loss per position ``[batch, pos - 1]`` instead of the mean.
+            prepend_bos: For text input, whether to prepend BOS (default: ``cfg.default_prepend_bos``).
+            padding_side: For batches of text, which side to pad.
+            position_ids: Passed to the HF model (rotary positions of attention layers).
+
+        Returns:
+            Logits ``[batch, pos, d_vocab]``, the loss, both, None, or the residual stream when
+            ``stop_at_layer`` is given.
+        """
+        tokens, attention_mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        if stop_at_layer is not None and stop_at_layer < 0:
+            stop_at_layer += self.cfg.n_layers
+        self.context.stop_at_layer = stop_at_layer
+        try:
+            output = self.hf_model(
+                input_ids=tokens,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        except StopForward as stop:
+            return stop.residual
+        finally:
+            self.context.stop_at_layer = None
+        logits = output.logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _inputs(
+        self,
+        input: Any,
+        attention_mask: Tensor | None,
+        prepend_bos: bool | None,
+        padding_side: str | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        if isinstance(input, (str, list)):
+            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+            return tokens, attention_mask if attention_mask is not None else mask
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be text or a token tensor, not {type(input).__name__}")
+        tokens = input if input.dim() == 2 else input[None]
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token tensors must be integer, got {tokens.dtype}")
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the tokens have shape "
+                f"{tuple(tokens.shape)}; give one mask entry per token."
+            )
+        return tokens.to(self.cfg.device), None if attention_mask is None else attention_mask.to(self.cfg.device)
+
+    @staticmethod
+    def loss_fn(
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+        """Next-token cross-entropy, ignoring padded positions."""
+        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        loss = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
+        if per_token:
+            return loss
+        if attention_mask is None:
+            return loss.mean()
+        mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(loss.dtype)
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _hook_point(self, name: str) -> HookPoint:
+        """The hook point of a name, or an error listing the closest valid names."""
+        hook_point = self.hook_dict.get(name)
+        if hook_point is None:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+            hint = f" Closest valid names: {', '.join(close)}." if close else ""
+            raise KeyError(
+                f"No hook point named {name!r}.{hint} `model.hook_dict` lists all "
+                f"{len(self.hook_dict)} hook points."
+            )
+        return hook_point
+
+    def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if isinstance(name, str):
+            self._hook_point(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook(self, name: str | Callable, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:  # noqa: A002
+        if isinstance(name, str):
+            self._hook_point(name)
+        super()._enable_hook(name, hook, dir)
+
+    def _names_filter(self, names_filter: NamesFilter) -> Callable[[str], bool]:
+        if names_filter is None:
+            # Per-head views duplicate the all-head hook points; cache them only when named.
+            return lambda name: ".heads." not in name
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple, set)):
+            wanted = set(names_filter)
+            for name in wanted:
+                self._hook_point(name)
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise ValueError("names_filter must be a hook name, a list of hook names, or a function of a name")
+
+    def get_caching_hooks(
+        self,
+        names_filter: NamesFilter = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: dict | None = None,
+        pos_slice: Any = None,
+    ) -> tuple[dict, list, list]:
+        """Hooks that store activations (read-only, so write/state points skip defensive copies)."""
+        cache = {} if cache is None else cache
+        wanted = self._names_filter(names_filter)
+        self.is_caching = True
+
+        @observer
+        def save(tensor: Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+            value = tensor.detach().to(device) if device is not None else tensor.detach()
+            if remove_batch_dim:
+                value = value[0]
+            cache[hook.name + ("_grad" if is_backward else "")] = value
+
+        fwd = [(name, save) for name in self.hook_dict if wanted(name)]
+        bwd = [(name, lambda t, hook: save(t, hook, True)) for name, _ in fwd] if incl_bwd else []
+        return cache, fwd, bwd
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NamesFilter = None,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
+        """Run the model and return its output and an `ActivationCache` of the named activations.
+
+        Without ``names_filter`` every hook point is cached except the per-head views
+        (``...heads.{h}.hook_write/hook_state``, which duplicate the all-head tensors). Writes and
+        states are ``pos * heads * d_k * d_v`` numbers per layer: prefer naming what you need.
+        """
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim)
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                out.backward()
+        if return_cache_object:
+            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache

@@ -1,0 +1,7 @@
+import warnings
+
+import torch
+
+# transformers warns once per kernel that it falls back to its PyTorch implementation on CPU.
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+torch.set_num_threads(2)

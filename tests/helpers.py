@@ -1,0 +1,45 @@
+"""Small builders shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hooked_recurrent import HookedRecurrentModel
+from hooked_recurrent.presets import build_preset
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose ids fit the tiny presets' vocabulary of 256."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    vocab.update({ch: i + 4 for i, ch in enumerate(CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_pair(preset: str = "tiny-random:qwen3.5", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A hooked tiny model and an untouched copy of the same HF model, for parity checks."""
+    hf = build_preset(preset, seed=seed, dtype=dtype)
+    reference = copy.deepcopy(hf)
+    return HookedRecurrentModel(hf, model_name=preset), reference
+
+
+def random_tokens(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, n in enumerate(pads):
+        mask[b, :n] = 0
+    return mask

@@ -1,0 +1,94 @@
+"""Independent float64 references, written from the equations (not by calling the code under test).
+
+DESIGN §2, per batch element and head, state S of shape [d_k, d_v]::
+
+    S_t = D_t(S_{t-1}) + W_t,      W_t = k_t u_t^T,      o_t = S_t^T q_t
+    Gated DeltaNet: D_t(S) = alpha_t (S - beta_t k_t (k_t^T S)), u_t = beta_t v_t, alpha_t = exp(g_t)
+    Mamba-2:        D_t(S) = exp(dt_t A_h) S,                  k_t = B_t, u_t = dt_t x_t, q_t = C_t
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+@dataclass
+class Factors:
+    """Per-position factors, float64, shaped [batch, pos, head, ...]."""
+
+    query: Tensor  # [b, t, h, d_k]
+    key: Tensor  # [b, t, h, d_k]
+    value: Tensor  # [b, t, h, d_v]  (u_t)
+    log_decay: Tensor  # [b, t, h]
+    erase: Tensor | None  # [b, t, h] or None
+
+
+def gdn_factors(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> Factors:
+    """Gated DeltaNet factors from the layer's raw q, k (key heads), v, beta, g.
+
+    q and k are L2-normalised as the model defines it (``x / sqrt(|x|^2 + 1e-6)``), repeated from
+    key heads to value heads, and the query is scaled by ``d_k ** -0.5``.
+    """
+    q, k, v, beta, g = (x.to(F64) for x in (q, k, v, beta, g))
+    n_v, n_k = v.shape[2], k.shape[2]
+
+    def norm(x: Tensor) -> Tensor:
+        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+    q_hat = norm(q).repeat_interleave(n_v // n_k, dim=2) * q.shape[-1] ** -0.5
+    k_hat = norm(k).repeat_interleave(n_v // n_k, dim=2)
+    return Factors(query=q_hat, key=k_hat, value=beta[..., None] * v, log_decay=g, erase=beta)
+
+
+def native_write(f: Factors) -> Tensor:
+    """The native writes ``k_t u_t^T``: [b, t, h, d_k, d_v]."""
+    return torch.einsum("bthk,bthv->bthkv", f.key, f.value)
+
+
+def recurrence(
+    f: Factors,
+    initial_state: Tensor | None = None,
+    write_override: Callable[[int, Tensor], Tensor] | None = None,
+    state_override: Callable[[int, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Step-by-step float64 recurrence.
+
+    Args:
+        f: Factors.
+        initial_state: [b, h, d_k, d_v] (zeros if None).
+        write_override: ``(t, native W_t [b, h, d_k, d_v]) -> W_t to use``.
+        state_override: ``(t, S_t [b, h, d_k, d_v]) -> S_t to continue from``.
+
+    Returns:
+        ``(states [b, t, h, d_k, d_v], reads [b, t, h, d_v])``.
+    """
+    b, t_len, h, d_k = f.key.shape
+    d_v = f.value.shape[-1]
+    state = torch.zeros(b, h, d_k, d_v, dtype=F64) if initial_state is None else initial_state.to(F64)
+    states, reads = [], []
+    for t in range(t_len):
+        k = f.key[:, t]
+        alpha = torch.exp(f.log_decay[:, t])[..., None, None]
+        if f.erase is not None:
+            state = state - f.erase[:, t][..., None, None] * torch.einsum("bhk,bhj,bhjv->bhkv", k, k, state)
+        write = torch.einsum("bhk,bhv->bhkv", k, f.value[:, t])
+        if write_override is not None:
+            write = write_override(t, write).to(F64)
+        state = alpha * state + write
+        if state_override is not None:
+            state = state_override(t, state).to(F64)
+        states.append(state)
+        reads.append(torch.einsum("bhkv,bhk->bhv", state, f.query[:, t]))
+    return torch.stack(states, 1), torch.stack(reads, 1)
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    expected = expected.to(F64)
+    return ((actual.to(F64) - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()

@@ -1,0 +1,137 @@
+"""The TransformerLens hook API: names, caches, contexts, and clear errors on bad hooks."""
+
+import pytest
+import torch
+from transformer_lens.ActivationCache import ActivationCache
+
+from helpers import random_tokens, tiny_pair
+
+GDN_HOOKS = [
+    "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_gate_input", "hook_q", "hook_k", "hook_v",
+    "hook_beta", "hook_log_decay", "hook_write_key", "hook_write_value", "hook_read_query", "hook_write",
+    "hook_state", "hook_recurrence_out", "hook_out", "heads.0.hook_write", "heads.0.hook_state",
+]
+ATTN_HOOKS = ["hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_gate", "hook_out"]
+BLOCK_HOOKS = [
+    "hook_resid_pre", "ln1.hook_normalized", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre",
+    "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("tiny-random:qwen3.5")
+
+
+def test_every_design_hook_point_exists(pair):
+    model, _ = pair
+    names = set(model.hook_dict)
+    assert {"hook_embed", "ln_final.hook_normalized"} <= names
+    for layer, kind in enumerate(model.cfg.layer_types):
+        assert {f"blocks.{layer}.{h}" for h in BLOCK_HOOKS} <= names
+        mixer, hooks = ("linear_attn", GDN_HOOKS) if kind == "gated_deltanet" else ("attn", ATTN_HOOKS)
+        assert {f"blocks.{layer}.{mixer}.{h}" for h in hooks} <= names, layer
+
+
+@torch.no_grad()
+def test_hook_shapes(pair):
+    model, _ = pair
+    cfg = model.cfg
+    tokens = random_tokens(2, 9)
+    _, cache = model.run_with_cache(tokens)
+    assert isinstance(cache, ActivationCache)
+    gdn = "blocks.0.linear_attn."
+    expected = {
+        "hook_embed": (2, 9, cfg.d_model),
+        gdn + "hook_q": (2, 9, cfg.n_key_heads, cfg.d_k),
+        gdn + "hook_v": (2, 9, cfg.n_heads, cfg.d_v),
+        gdn + "hook_beta": (2, 9, cfg.n_heads),
+        gdn + "hook_log_decay": (2, 9, cfg.n_heads),
+        gdn + "hook_write_key": (2, 9, cfg.n_heads, cfg.d_k),
+        gdn + "hook_write_value": (2, 9, cfg.n_heads, cfg.d_v),
+        gdn + "hook_write": (2, 9, cfg.n_heads, cfg.d_k, cfg.d_v),
+        gdn + "hook_state": (2, 9, cfg.n_heads, cfg.d_k, cfg.d_v),
+        gdn + "hook_recurrence_out": (2, 9, cfg.n_heads, cfg.d_v),
+        "blocks.3.attn.hook_k": (2, 9, cfg.n_kv_heads, cfg.d_head),
+        "blocks.3.attn.hook_pattern": (2, cfg.n_attn_heads, 9, 9),
+        "blocks.2.mlp.hook_post": (2, 9, cfg.d_mlp),
+    }
+    for name, shape in expected.items():
+        assert tuple(cache[name].shape) == shape, name
+    assert not any(".heads." in k for k in cache.keys())  # per-head views only when named
+    torch.testing.assert_close(cache["resid_pre", 1], cache["blocks.1.hook_resid_pre"])  # TL shorthand
+    assert (cache[gdn + "hook_log_decay"] <= 0).all()
+
+
+@torch.no_grad()
+def test_unknown_hook_name_lists_closest_names(pair):
+    model, _ = pair
+    tokens = random_tokens(1, 4)
+    for call in (
+        lambda: model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.linear_attn.hook_wirte", lambda x, hook: x)]),
+        lambda: model.add_hook("blocks.0.linear_attn.hook_wirte", lambda x, hook: x),
+        lambda: model.run_with_cache(tokens, names_filter=["blocks.0.linear_attn.hook_wirte"]),
+    ):
+        with pytest.raises(KeyError, match="blocks.0.linear_attn.hook_write"):
+            call()
+    assert not any(hp.has_fwd_hooks() for hp in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_wrong_shape_or_dtype_names_hook_and_expected_shape(pair):
+    model, _ = pair
+    tokens = random_tokens(1, 6)
+    with pytest.raises(ValueError, match=r"blocks.0.linear_attn.hook_write.*\[batch pos head d_k d_v\]"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.linear_attn.hook_write", lambda x, hook: x[:, :3])])
+    with pytest.raises(ValueError, match=r"dtype torch.float64.*blocks.1.hook_resid_pre|blocks.1.hook_resid_pre.*dtype torch.float64"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: x.double())])
+    assert not any(hp.has_fwd_hooks() for hp in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_context_hooks_are_removed_even_when_the_body_raises(pair):
+    model, _ = pair
+    calls = []
+    hook = ("blocks.0.hook_resid_post", lambda x, hook: calls.append(1))
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=[hook]):
+            model(random_tokens(1, 3))
+            raise RuntimeError("boom")
+    with pytest.raises(ZeroDivisionError):
+        model.run_with_hooks(random_tokens(1, 3), fwd_hooks=[("hook_embed", lambda x, hook: 1 / 0)])
+    assert calls == [1]
+    assert not any(hp.has_fwd_hooks() for hp in model.hook_dict.values())
+    model(random_tokens(1, 3))
+    assert calls == [1]
+
+
+@torch.no_grad()
+def test_residual_edit_propagates_and_reset_hooks(pair):
+    model, _ = pair
+    tokens = random_tokens(2, 8)
+    plain = model(tokens)
+    model.add_hook("blocks.2.hook_resid_pre", lambda x, hook: x * 0)
+    edited = model(tokens)
+    assert (edited - plain).abs().max() > 1e-3
+    model.reset_hooks()
+    assert torch.equal(model(tokens), plain)
+
+
+def test_hf_modules_keep_their_paths_and_parameters(pair):
+    model, hf = pair
+    assert set(model.hf_model.state_dict()) == set(hf.state_dict())
+    gdn = model.hf_model.model.layers[0].linear_attn
+    assert gdn.in_proj_qkv.weight is model.blocks[0].linear_attn.hf.in_proj_qkv.weight
+    own = {id(p) for p in model.parameters()}
+    assert own == {id(p) for p in model.hf_model.parameters()}  # no copies anywhere
+
+
+def test_cfg_describes_the_model(pair):
+    model, hf = pair
+    cfg, c = model.cfg, hf.config
+    assert cfg.architecture == "Qwen3_5ForCausalLM"
+    assert cfg.n_layers == c.num_hidden_layers and cfg.d_model == c.hidden_size and cfg.d_vocab == c.vocab_size
+    assert cfg.layer_types == ["gated_deltanet"] * 3 + ["attention"]
+    assert (cfg.n_heads, cfg.d_k, cfg.d_v, cfg.n_key_heads) == (4, 16, 24, 2)
+    assert cfg.recurrent_layers == [0, 1, 2]
+    assert cfg.hook_name(1, "hook_state") == "blocks.1.linear_attn.hook_state"
