@@ -11,10 +11,16 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .blocks import Qwen3_5BlockHooks, RunContext
+from .blocks import Mamba2BlockHooks, Qwen3_5BlockHooks, RunContext
 from .config import HookedRecurrentConfig
 
-__all__ = ["Architecture", "Qwen3_5Architecture", "architecture_of", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "Architecture",
+    "Qwen3_5Architecture",
+    "Mamba2Architecture",
+    "architecture_of",
+    "SUPPORTED_ARCHITECTURES",
+]
 
 
 class Architecture:
@@ -95,11 +101,54 @@ class Qwen3_5Architecture(Architecture):
         )
 
 
+class Mamba2Architecture(Architecture):
+    """Mamba-2: every block is norm -> SSD mixer -> residual add."""
+
+    hf_class_names = ("Mamba2ForCausalLM",)
+
+    @staticmethod
+    def embedding(hf_model: nn.Module) -> nn.Module:
+        return hf_model.backbone.embeddings
+
+    @staticmethod
+    def layers(hf_model: nn.Module) -> nn.ModuleList:
+        return hf_model.backbone.layers
+
+    @staticmethod
+    def final_norm(hf_model: nn.Module) -> nn.Module:
+        return hf_model.backbone.norm_f
+
+    @staticmethod
+    def build_block(hf_layer: nn.Module, index: int, context: RunContext) -> nn.Module:
+        return Mamba2BlockHooks(hf_layer, index, context)
+
+    @classmethod
+    def describe(cls, hf_model: nn.Module, model_name: str, tokenizer: Any = None) -> HookedRecurrentConfig:
+        c = hf_model.config
+        param = next(hf_model.parameters())
+        return HookedRecurrentConfig(
+            model_name=model_name,
+            architecture=type(hf_model).__name__,
+            n_layers=c.num_hidden_layers,
+            d_model=c.hidden_size,
+            d_vocab=c.vocab_size,
+            layer_types=["mamba2"] * c.num_hidden_layers,
+            n_heads=c.num_heads,
+            d_k=c.state_size,
+            d_v=c.head_dim,
+            n_groups=c.n_groups,
+            conv_kernel=c.conv_kernel,
+            dtype=param.dtype,
+            device=str(param.device),
+            default_prepend_bos=_prepends_bos(tokenizer),
+        )
+
+
 def _prepends_bos(tokenizer: Any) -> bool:
     return tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is not None
 
 
-SUPPORTED_ARCHITECTURES: list[type[Architecture]] = [Qwen3_5Architecture]
+SUPPORTED_ARCHITECTURES: list[type[Architecture]] = [Qwen3_5Architecture, Mamba2Architecture]
 
 
 def architecture_of(hf_model: nn.Module) -> type[Architecture]:

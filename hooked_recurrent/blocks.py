@@ -18,14 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .components import MLPHooks, NormHooks
 from .hook_points import HookPoint
 from .mixers.attention import GatedAttentionHooks
 from .mixers.gated_deltanet import GatedDeltaNetHooks
+from .mixers.mamba2 import Mamba2MixerHooks
 
-__all__ = ["RunContext", "StopForward", "Qwen3_5BlockHooks", "FinalNormHooks"]
+__all__ = ["RunContext", "StopForward", "Qwen3_5BlockHooks", "Mamba2BlockHooks", "FinalNormHooks"]
 
 
 @dataclass
@@ -134,3 +136,42 @@ class Qwen3_5BlockHooks(nn.Module):
         residual = self.hook_resid_mid(residual + mixed)
         mlp_out = self.hook_mlp_out(layer.mlp(self.ln2(residual)))
         return self.hook_resid_post(residual + mlp_out)
+
+
+class Mamba2BlockHooks(nn.Module):
+    """Hook points of one Mamba-2 block (norm, mixer, residual add; no MLP).
+
+    Args:
+        hf_layer: The ``Mamba2Block``.
+        index: Its layer index.
+        context: The model's run context.
+    """
+
+    mixer_name = "mixer"
+
+    def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
+        super().__init__()
+        self.__dict__["hf"] = hf_layer
+        self.__dict__["context"] = context
+        self.index = index
+        self.hook_resid_pre = HookPoint("batch pos d_model")
+        self.ln1 = NormHooks(hf_layer.norm)
+        self.mixer = Mamba2MixerHooks(hf_layer.mixer)
+        self.hook_resid_post = HookPoint("batch pos d_model")
+
+    def install(self) -> None:
+        """Route the HF block and its mixer through these hooks."""
+        self.hf.forward = self.forward
+        self.hf.mixer.forward = self.mixer.forward
+
+    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Same computation as ``Mamba2Block.forward``, with hooks."""
+        if self.context.stop_at_layer == self.index:
+            raise StopForward(hidden_states)
+        layer = self.hf
+        residual = self.hook_resid_pre(hidden_states)
+        normed = self.ln1(residual.to(dtype=layer.norm.weight.dtype))
+        if layer.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        mixed = layer.mixer(normed, cache=cache, attention_mask=attention_mask, **kwargs)
+        return self.hook_resid_post(residual + mixed)

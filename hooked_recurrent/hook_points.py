@@ -60,6 +60,16 @@ class HookPoint(_TLHookPoint):
     def __init__(self, shape: str | None = None):
         super().__init__()
         self.shape = shape
+        self.__dict__["context"] = None  # the owning model's RunContext, set by the model
+
+    @property
+    def start_position(self) -> int:
+        """Absolute position of index 0 of the ``pos`` axis in the current call.
+
+        Non-zero when the model continues from a cache or generates (one position per step): an
+        activation's position ``p`` is the sequence's position ``hook.start_position + p``.
+        """
+        return 0 if self.context is None else self.context.start_position
 
     def add_hook(self, hook: Callable, dir: str = "fwd", *args: Any, **kwargs: Any) -> None:  # noqa: A002
         checked = hook if dir != "fwd" else _checked(hook)

@@ -74,6 +74,12 @@ class HookedRecurrentModel(HookedRootModule):
         self._install()
         self.setup()
 
+    def setup(self) -> None:
+        """Name every hook point (TransformerLens) and let each see the per-call run context."""
+        super().setup()
+        for hook_point in self.hook_dict.values():
+            hook_point.__dict__["context"] = self.context
+
     def _install(self) -> None:
         embedding = self.architecture.embedding(self.hf_model)
         self.__dict__["_embed_hook"] = OutputHook(embedding, self.hook_embed)

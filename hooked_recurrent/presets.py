@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedModel, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-__all__ = ["PRESETS", "tiny_qwen3_5_config", "build_preset"]
+__all__ = ["PRESETS", "tiny_qwen3_5_config", "tiny_mamba2_config", "build_preset"]
 
 
 def tiny_qwen3_5_config(**overrides) -> Qwen3_5TextConfig:
@@ -43,6 +43,32 @@ def tiny_qwen3_5_config(**overrides) -> Qwen3_5TextConfig:
     )
     params.update(overrides)
     return Qwen3_5TextConfig(**params)
+
+
+def tiny_mamba2_config(**overrides) -> Mamba2Config:
+    """A 3-layer Mamba-2 with d_state (16) != head_dim (12) and 2 groups of 3 heads.
+
+    A chunk size of 32 makes 150-token tests span several chunks of the SSD kernel.
+    """
+    params = dict(
+        vocab_size=256,
+        hidden_size=36,
+        expand=2,
+        num_heads=6,
+        head_dim=12,
+        state_size=16,
+        n_groups=2,
+        num_hidden_layers=3,
+        conv_kernel=4,
+        chunk_size=32,
+        initializer_range=0.15,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    params.update(overrides)
+    return Mamba2Config(**params)
 
 
 def _slow_decays(model: nn.Module, generator: torch.Generator) -> None:
@@ -85,4 +111,5 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 
 PRESETS: dict[str, tuple] = {
     "tiny-random:qwen3.5": (tiny_qwen3_5_config, Qwen3_5ForCausalLM),
+    "tiny-random:mamba2": (tiny_mamba2_config, Mamba2ForCausalLM),
 }

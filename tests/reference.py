@@ -46,6 +46,39 @@ def gdn_factors(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> Fac
     return Factors(query=q_hat, key=k_hat, value=beta[..., None] * v, log_decay=g, erase=beta)
 
 
+def mamba2_factors(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, A: Tensor) -> Factors:
+    """Mamba-2 factors from the layer's x [b,t,h,p], B and C [b,t,g,n], dt [b,t,h] and A [h]."""
+    x, B, C, dt, A = (v.to(F64) for v in (x, B, C, dt, A))
+    repeat = x.shape[2] // B.shape[2]
+    return Factors(
+        query=C.repeat_interleave(repeat, dim=2),
+        key=B.repeat_interleave(repeat, dim=2),
+        value=dt[..., None] * x,
+        log_decay=dt * A,
+        erase=None,
+    )
+
+
+GDN_INPUTS = ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay")
+MAMBA2_INPUTS = ("hook_x", "hook_B", "hook_C", "hook_dt")
+
+
+def input_hook_names(model, layer: int) -> list[str]:
+    """The hooks from which `factors_from_cache` rebuilds a layer's factors."""
+    kind = model.cfg.layer_types[layer]
+    names = GDN_INPUTS if kind == "gated_deltanet" else MAMBA2_INPUTS
+    return [model.cfg.hook_name(layer, n) for n in names]
+
+
+def factors_from_cache(model, cache, layer: int) -> Factors:
+    """Reference factors of a layer from its cached raw inputs (and, for Mamba-2, its A_log)."""
+    values = [cache[n] for n in input_hook_names(model, layer)]
+    if model.cfg.layer_types[layer] == "gated_deltanet":
+        return gdn_factors(*values)
+    A = -torch.exp(model.blocks[layer].mixer.hf.A_log.detach().to(F64))
+    return mamba2_factors(*values, A)
+
+
 def native_write(f: Factors) -> Tensor:
     """The native writes ``k_t u_t^T``: [b, t, h, d_k, d_v]."""
     return torch.einsum("bthk,bthv->bthkv", f.key, f.value)

@@ -5,7 +5,7 @@ import torch
 
 import hooked_recurrent.recurrence as recurrence_module
 from helpers import left_padding_mask, random_tokens, tiny_pair
-from reference import gdn_factors, recurrence, rel_err
+from reference import factors_from_cache, input_hook_names, recurrence, rel_err
 
 LENGTH = 150
 LAYER = 1
@@ -15,10 +15,13 @@ EDITS = [(5, 0, 1), (70, 1, 3), (131, 0, 0)]  # (position, batch, head)
 TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+CASES = [(arch, dtype) for arch in ("tiny-random:qwen3.5", "tiny-random:mamba2") for dtype in TOLERANCES]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0].split(':')[1]}-{str(c[1])[6:]}")
 def setup(request):
-    dtype = request.param
-    model, _ = tiny_pair("tiny-random:qwen3.5", dtype=dtype)
+    arch, dtype = request.param
+    model, _ = tiny_pair(arch, dtype=dtype)
     tokens = random_tokens(2, LENGTH, seed=5)
     mask = left_padding_mask(2, LENGTH, [0, 3])
     return model, tokens, mask, dtype
@@ -29,9 +32,8 @@ def mixer(model, hook):
 
 
 def reference_factors(model, tokens, mask):
-    names = ["hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay"]
-    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=[mixer(model, n) for n in names])
-    return gdn_factors(*(cache[mixer(model, n)] for n in names))
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=input_hook_names(model, LAYER))
+    return factors_from_cache(model, cache, LAYER)
 
 
 def logits_with_reads(model, tokens, mask, reads):

@@ -135,3 +135,39 @@ def test_cfg_describes_the_model(pair):
     assert (cfg.n_heads, cfg.d_k, cfg.d_v, cfg.n_key_heads) == (4, 16, 24, 2)
     assert cfg.recurrent_layers == [0, 1, 2]
     assert cfg.hook_name(1, "hook_state") == "blocks.1.linear_attn.hook_state"
+
+
+MAMBA2_HOOKS = [
+    "hook_x_pre_conv", "hook_B_pre_conv", "hook_C_pre_conv", "hook_gate_input", "hook_x", "hook_B", "hook_C",
+    "hook_dt", "hook_log_decay", "hook_write_key", "hook_write_value", "hook_read_query", "hook_write",
+    "hook_state", "hook_recurrence_out", "hook_skip", "hook_out", "heads.5.hook_write", "heads.5.hook_state",
+]
+
+
+@torch.no_grad()
+def test_mamba2_hook_points_and_shapes():
+    model, _ = tiny_pair("tiny-random:mamba2")
+    cfg = model.cfg
+    names = set(model.hook_dict)
+    for layer in range(cfg.n_layers):
+        assert {f"blocks.{layer}.mixer.{h}" for h in MAMBA2_HOOKS} <= names
+        assert {f"blocks.{layer}.{h}" for h in ("hook_resid_pre", "ln1.hook_normalized", "hook_resid_post")} <= names
+        assert f"blocks.{layer}.hook_resid_mid" not in names  # no MLP in a Mamba-2 block
+    _, cache = model.run_with_cache(random_tokens(2, 7))
+    m = "blocks.1.mixer."
+    expected = {
+        m + "hook_x": (2, 7, cfg.n_heads, cfg.d_v),
+        m + "hook_B": (2, 7, cfg.n_groups, cfg.d_k),
+        m + "hook_dt": (2, 7, cfg.n_heads),
+        m + "hook_write_key": (2, 7, cfg.n_heads, cfg.d_k),
+        m + "hook_write_value": (2, 7, cfg.n_heads, cfg.d_v),
+        m + "hook_write": (2, 7, cfg.n_heads, cfg.d_k, cfg.d_v),
+        m + "hook_state": (2, 7, cfg.n_heads, cfg.d_k, cfg.d_v),
+        m + "hook_recurrence_out": (2, 7, cfg.n_heads, cfg.d_v),
+        m + "hook_skip": (2, 7, cfg.n_heads, cfg.d_v),
+    }
+    for name, shape in expected.items():
+        assert tuple(cache[name].shape) == shape, name
+    assert (cfg.layer_types, cfg.d_k, cfg.d_v, cfg.n_groups) == (["mamba2"] * 3, 16, 12, 2)
+    # Group g's B is broadcast to its heads.
+    torch.testing.assert_close(cache[m + "hook_write_key"][:, :, 3], cache[m + "hook_B"][:, :, 1])

@@ -1,5 +1,8 @@
 """One loading path for hub ids and local directories (and names of built-in models).
 
+Mamba-2 checkpoints in the original mamba_ssm format are recognised by their config and converted
+on the fly (`hooked_recurrent.loading.mamba_ssm`).
+
 ``AutoModelForCausalLM`` maps a multimodal Qwen3.5 checkpoint (``Qwen3_5ForConditionalGeneration``,
 as published for ``Qwen/Qwen3.5-0.8B``) onto ``Qwen3_5ForCausalLM`` and ignores the vision tower,
 so a hub id and a local copy of the same checkpoint take exactly the same code path.
@@ -16,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..presets import PRESETS, build_preset
+from .mamba_ssm import is_mamba_ssm_config, load_mamba_ssm_checkpoint, read_config
 
 __all__ = ["load_hf_model", "load_tokenizer", "text_model_of"]
 
@@ -43,8 +47,16 @@ def load_hf_model(
         return build_preset(name_or_path, dtype=dtype), None
     if ":" in name_or_path and name_or_path.split(":", 1)[0] in {p.split(":", 1)[0] for p in PRESETS}:
         raise KeyError(f"Unknown built-in model {name_or_path!r}; built-in names: {', '.join(sorted(PRESETS))}")
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
+    hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
+    raw_config = read_config(name_or_path, **hub_kwargs)
+    if raw_config is not None and is_mamba_ssm_config(raw_config):
+        hf_model = load_mamba_ssm_checkpoint(name_or_path, raw_config, dtype=dtype, **hub_kwargs)
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
     return text_model_of(hf_model).eval(), load_tokenizer(name_or_path)
+
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

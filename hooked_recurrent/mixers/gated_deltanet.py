@@ -103,10 +103,10 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
         key = self.hook_k(key.reshape(batch, length, -1, m.head_k_dim))
         value = self.hook_v(value.reshape(batch, length, -1, m.head_v_dim))
 
-        beta = self.hook_beta(b.sigmoid())
-        g = self.hook_log_decay(-m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias))
-
+        # float32 like the kernels, except for float64 models (exact checks).
         compute_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+        beta = self.hook_beta(b.sigmoid())
+        g = self.hook_log_decay(-m.A_log.to(compute_dtype).exp() * F.softplus(a.to(compute_dtype) + m.dt_bias))
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
 
         def native() -> tuple[Tensor, Tensor | None]:

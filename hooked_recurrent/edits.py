@@ -1,0 +1,87 @@
+"""Hook functions that edit writes and states, for any matrix-recurrent mixer.
+
+Positions are absolute positions of the sequence (``hook.start_position`` maps them into the
+current call), so the same edit works on a full forward, on a continuation from a cache and on
+single decode steps. All of these edit in place and return the edited activation.
+
+Example:
+    >>> import torch
+    >>> from hooked_recurrent import HookedRecurrentModel
+    >>> model = HookedRecurrentModel.from_pretrained("tiny-random:mamba2")
+    >>> tokens = torch.arange(3, 19)[None]
+    >>> name = model.cfg.hook_name(1, "hook_write")
+    >>> logits = model.run_with_hooks(tokens, fwd_hooks=[(name, delete_writes([4, 9], heads=[2]))])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .hook_points import HookPoint
+
+__all__ = ["positions_in_call", "delete_writes", "scale_writes", "set_writes", "add_to_states"]
+
+HookFn = Callable[[Tensor, HookPoint], Tensor]
+
+
+def positions_in_call(positions: Sequence[int], hook: HookPoint, length: int) -> list[tuple[int, int]]:
+    """``(absolute, index in this call)`` for the given absolute positions that fall in the call."""
+    start = hook.start_position
+    return [(p, p - start) for p in positions if 0 <= p - start < length]
+
+
+def _heads(heads: Sequence[int] | None, n_heads: int) -> list[int]:
+    return list(range(n_heads)) if heads is None else list(heads)
+
+
+def scale_writes(positions: Sequence[int], factor: float, heads: Sequence[int] | None = None) -> HookFn:
+    """Multiply the writes at ``positions`` (of ``heads``, default all) by ``factor``.
+
+    For ``hook_write`` ``[batch, pos, head, d_k, d_v]``.
+    """
+
+    def hook(writes: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
+        for _, i in positions_in_call(positions, hook, writes.shape[1]):
+            writes[:, i, _heads(heads, writes.shape[2])] *= factor
+        return writes
+
+    return hook
+
+
+def delete_writes(positions: Sequence[int], heads: Sequence[int] | None = None) -> HookFn:
+    """Remove the writes at ``positions`` (the state keeps only its decayed/erased past there)."""
+    return scale_writes(positions, 0.0, heads)
+
+
+def set_writes(replacements: dict[tuple[int, int], Float[Tensor, "d_k d_v"]]) -> HookFn:
+    """Replace single writes: ``{(position, head): matrix}`` (broadcast over the batch)."""
+
+    def hook(writes: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
+        start = hook.start_position
+        for (position, head), matrix in replacements.items():
+            if 0 <= position - start < writes.shape[1]:
+                writes[:, position - start, head] = matrix.to(writes.dtype)
+        return writes
+
+    return hook
+
+
+def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequence[int] | None = None) -> HookFn:
+    """Add ``delta`` to the state after ``position`` (for ``hook_state``); later states follow."""
+
+    def hook(states: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
+        for _, i in positions_in_call([position], hook, states.shape[1]):
+            for h in _heads(heads, states.shape[2]):
+                states[:, i, h] += delta.to(states.dtype)
+        return states
+
+    return hook
+
+
+def frobenius_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine between matrices (trailing two dims), e.g. an atom against native writes."""
+    return torch.nn.functional.cosine_similarity(a.flatten(-2), b.flatten(-2), dim=-1)

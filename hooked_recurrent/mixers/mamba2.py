@@ -1,0 +1,189 @@
+"""Mamba-2 (SSD) with hook points, in the same matrix-recurrence convention as Gated DeltaNet.
+
+Hook points, in execution order (at ``blocks.{l}.mixer``)::
+
+    hook_x_pre_conv      [batch, pos, head, head_dim]   x projection before the short conv
+    hook_B_pre_conv      [batch, pos, group, d_state]
+    hook_C_pre_conv      [batch, pos, group, d_state]
+    hook_gate_input      [batch, pos, head, head_dim]   z, the gated norm's gate
+    hook_x               [batch, pos, head, head_dim]   after conv + SiLU
+    hook_B               [batch, pos, group, d_state]
+    hook_C               [batch, pos, group, d_state]
+    hook_dt              [batch, pos, head]             softplus(dt + dt_bias), clamped to the limit
+    hook_log_decay       [batch, pos, head]             dt * A_h (<= 0)
+    hook_write_key       [batch, pos, head, d_state]    B_t, broadcast from its group
+    hook_write_value     [batch, pos, head, head_dim]   dt_t x_t
+    hook_read_query      [batch, pos, head, d_state]    C_t, broadcast from its group
+    hook_write           [batch, pos, head, d_state, head_dim]   B_t (dt_t x_t)^T (lazy)
+    heads.{h}.hook_write [batch, pos, d_state, head_dim]
+    hook_state           [batch, pos, head, d_state, head_dim]   S_t after the write (lazy)
+    heads.{h}.hook_state [batch, pos, d_state, head_dim]
+    hook_recurrence_out  [batch, pos, head, head_dim]   o_t = S_t^T C_t (without the D skip)
+    hook_skip            [batch, pos, head, head_dim]   D_h x_t
+    hook_out             [batch, pos, d_model]
+
+The recurrence is ``S_t = exp(dt_t A_h) S_{t-1} + B_t (dt_t x_t)^T``. States are exposed in the
+key-by-value layout ``[d_state, head_dim]``: the transpose of what transformers stores, so that code
+written against ``hook_write`` / ``hook_state`` works on Gated DeltaNet and Mamba-2 alike.
+The fused training kernel of mamba-ssm is never used here; the unfused path runs in all modes.
+An edit of ``hook_log_decay`` recomputes the recurrence here for every head (the Mamba-2 kernels
+take ``dt`` and ``A`` separately, not their product).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.models.mamba2 import modeling_mamba2 as hf_mamba
+
+from ..hook_points import HookPoint, fire
+from .base import MatrixRecurrentMixer, RecurrenceFactors
+
+__all__ = ["Mamba2MixerHooks"]
+
+
+class Mamba2MixerHooks(MatrixRecurrentMixer):
+    """Hook points of one Mamba-2 mixer; its forward replaces the HF module's.
+
+    Args:
+        hf_module: The ``Mamba2Mixer`` it hooks (a plain reference, not re-registered).
+    """
+
+    def __init__(self, hf_module: torch.nn.Module) -> None:
+        super().__init__(hf_module.num_heads, hf_module.ssm_state_size, hf_module.head_dim)
+        self.__dict__["hf"] = hf_module
+        self.hook_x_pre_conv = HookPoint("batch pos head head_dim")
+        self.hook_B_pre_conv = HookPoint("batch pos group d_state")
+        self.hook_C_pre_conv = HookPoint("batch pos group d_state")
+        self.hook_gate_input = HookPoint("batch pos head head_dim")
+        self.hook_x = HookPoint("batch pos head head_dim")
+        self.hook_B = HookPoint("batch pos group d_state")
+        self.hook_C = HookPoint("batch pos group d_state")
+        self.hook_dt = HookPoint("batch pos head")
+        self.hook_skip = HookPoint("batch pos head head_dim")
+        self.hook_out = HookPoint("batch pos d_model")
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Same computation and cache updates as ``Mamba2Mixer.forward`` (unfused), with hooks."""
+        m = self.hf
+        batch, length, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        heads, head_dim, groups, d_state = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size
+        if cache is not None:
+            conv_state = cache.get_conv_state(m.layer_idx, state_idx=0)
+            recurrent_state = cache.get_recurrent_state(m.layer_idx, state_idx=0)  # [b h head_dim d_state]
+        else:
+            conv_state, recurrent_state = None, None
+
+        # float32 like the kernels, except for float64 models (exact checks).
+        compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        hidden_states = hf_mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
+        projected = m.in_proj(hidden_states)
+        A = -torch.exp(m.A_log.to(compute_dtype))
+        gate, xBC, dt = projected.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+        gate = self.hook_gate_input(gate.reshape(batch, length, heads, head_dim)).reshape(batch, length, -1)
+        xBC = self._pre_conv_hooks(xBC, batch, length)
+
+        xBC = xBC.transpose(1, 2)
+        if conv_state is not None and length == 1 and not cache.is_recording_past(m.layer_idx):
+            xBC = hf_mamba.causal_conv1d_update(
+                xBC, conv_state, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation
+            )
+        else:
+            if cache is not None:
+                xBC = cache.update_conv_state(xBC, m.layer_idx, conv_kernel_size=m.conv_kernel_size)
+            xBC = hf_mamba.causal_conv1d_fn(
+                xBC, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation, **kwargs
+            )
+            if cache is not None:
+                xBC = xBC[:, :, -length:]
+        xBC = hf_mamba.apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)
+        x, B, C = torch.split(xBC, [m.intermediate_size, groups * d_state, groups * d_state], dim=-1)
+        x = self.hook_x(x.reshape(batch, length, heads, head_dim))
+        B = self.hook_B(B.reshape(batch, length, groups, d_state))
+        C = self.hook_C(C.reshape(batch, length, groups, d_state))
+
+        # The same discretisation the kernels apply internally, done once here so it can be hooked.
+        dt = F.softplus(dt + m.dt_bias.to(dt.dtype))
+        dt = self.hook_dt(torch.clamp(dt, m.time_step_limit[0], m.time_step_limit[1]))
+        log_decay, decay_edits = fire(self.hook_log_decay, dt.to(compute_dtype) * A, 0)
+        use_native = compute_dtype != torch.float64 and decay_edits is None
+
+        def native() -> tuple[Tensor, Tensor | None]:
+            if recurrent_state is not None and length == 1:
+                state = recurrent_state.clone()  # the kernel updates it in place
+                out = hf_mamba.mamba2_selective_state_update(
+                    state,
+                    x[:, 0],
+                    dt[:, 0, :, None].expand(-1, -1, head_dim),
+                    A[:, None, None].expand(-1, head_dim, d_state),
+                    B[:, 0],
+                    C[:, 0],
+                    None,
+                    dt_softplus=False,
+                )
+                return out[:, None].float(), state.transpose(-1, -2)
+            result = hf_mamba.mamba2_chunk_scan(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                chunk_size=m.chunk_size,
+                D=None,
+                initial_states=recurrent_state,
+                dt_softplus=False,
+                return_final_states=cache is not None,
+                **kwargs,
+            )
+            if cache is None:
+                return result, None
+            out, final = result
+            return out, final.transpose(-1, -2)
+
+        def factors() -> RecurrenceFactors:
+            repeat = heads // groups
+            return RecurrenceFactors(
+                query=C.to(compute_dtype).repeat_interleave(repeat, dim=2),
+                key=B.to(compute_dtype).repeat_interleave(repeat, dim=2),
+                value=x.to(compute_dtype) * dt.to(compute_dtype)[..., None],
+                log_decay=log_decay,
+                erase=None,
+            )
+
+        initial = None if recurrent_state is None else recurrent_state.transpose(-1, -2)
+        reads, final_state = self.recur(
+            factors=factors,
+            native=native if use_native else None,
+            initial_state=initial,
+            output_dtype=compute_dtype,
+        )
+        if cache is not None:
+            cache.update_recurrent_state(final_state.transpose(-1, -2).contiguous(), layer_idx=m.layer_idx)
+
+        skip = self.hook_skip(m.D.to(compute_dtype)[:, None] * x.to(compute_dtype))
+        scan_output = (reads + skip).reshape(batch, length, -1)
+        scan_output = m.norm(scan_output, gate)
+        return self.hook_out(m.out_proj(scan_output.to(dtype)))
+
+    def _pre_conv_hooks(self, xBC: Tensor, batch: int, length: int) -> Tensor:
+        """Fire the pre-conv hooks (only splitting the projection when one is attached)."""
+        points = (self.hook_x_pre_conv, self.hook_B_pre_conv, self.hook_C_pre_conv)
+        if not any(p.has_fwd_hooks() for p in points):
+            return xBC
+        m = self.hf
+        sizes = [m.intermediate_size, m.n_groups * m.ssm_state_size, m.n_groups * m.ssm_state_size]
+        x, B, C = torch.split(xBC, sizes, dim=-1)
+        x = self.hook_x_pre_conv(x.reshape(batch, length, m.num_heads, m.head_dim))
+        B = self.hook_B_pre_conv(B.reshape(batch, length, m.n_groups, m.ssm_state_size))
+        C = self.hook_C_pre_conv(C.reshape(batch, length, m.n_groups, m.ssm_state_size))
+        return torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
