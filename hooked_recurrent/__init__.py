@@ -8,5 +8,6 @@ with the TransformerLens API (`run_with_hooks`, `run_with_cache`, `hooks()`, `Ac
 from .config import HookedRecurrentConfig
 from .hook_points import HookPoint
 from .model import HookedRecurrentModel
+from .cache import RecurrentCache
 
-__all__ = ["HookedRecurrentModel", "HookedRecurrentConfig", "HookPoint"]
+__all__ = ["HookedRecurrentModel", "HookedRecurrentConfig", "HookPoint", "RecurrentCache"]

@@ -27,6 +27,7 @@ class Architecture:
     """Base class: one HF causal-LM family."""
 
     hf_class_names: ClassVar[tuple[str, ...]] = ()
+    uses_position_ids: ClassVar[bool] = False  # rotary attention layers take position ids
 
     @classmethod
     def matches(cls, hf_model: nn.Module) -> bool:
@@ -57,6 +58,7 @@ class Qwen3_5Architecture(Architecture):
     """Qwen3.5: Gated DeltaNet layers mixed with gated attention, SwiGLU MLPs."""
 
     hf_class_names = ("Qwen3_5ForCausalLM",)
+    uses_position_ids = True
 
     @staticmethod
     def embedding(hf_model: nn.Module) -> nn.Module:

@@ -43,6 +43,7 @@ class RunContext:
 
     stop_at_layer: int | None = None
     start_position: int = 0
+    padding_mask: Tensor | None = None  # [batch, pos] of this call, when it has padding
 
 
 class StopForward(Exception):
@@ -84,7 +85,7 @@ class Qwen3_5BlockHooks(nn.Module):
         self.hook_resid_pre = HookPoint("batch pos d_model")
         self.ln1 = NormHooks(hf_layer.input_layernorm)
         if hf_layer.block_type == "linear_attention":
-            self.linear_attn = GatedDeltaNetHooks(hf_layer.linear_attn)
+            self.linear_attn = GatedDeltaNetHooks(hf_layer.linear_attn, context)
         else:
             self.attn = GatedAttentionHooks(hf_layer.self_attn)
         self.hook_resid_mid = HookPoint("batch pos d_model")
@@ -156,7 +157,7 @@ class Mamba2BlockHooks(nn.Module):
         self.index = index
         self.hook_resid_pre = HookPoint("batch pos d_model")
         self.ln1 = NormHooks(hf_layer.norm)
-        self.mixer = Mamba2MixerHooks(hf_layer.mixer)
+        self.mixer = Mamba2MixerHooks(hf_layer.mixer, context)
         self.hook_resid_post = HookPoint("batch pos d_model")
 
     def install(self) -> None:

@@ -2,7 +2,10 @@
 
 Positions are absolute positions of the sequence (``hook.start_position`` maps them into the
 current call), so the same edit works on a full forward, on a continuation from a cache and on
-single decode steps. All of these edit in place and return the edited activation.
+single decode steps. Each works on the all-head hook points (``hook_write`` / ``hook_state``,
+``[batch, pos, head, d_k, d_v]``, choosing heads with ``heads=``) and on the per-head ones
+(``heads.{h}.hook_write`` / ``heads.{h}.hook_state``, ``[batch, pos, d_k, d_v]``, which are cheaper:
+only that head is materialised). All of these edit in place and return the edited activation.
 
 Example:
     >>> import torch
@@ -34,19 +37,24 @@ def positions_in_call(positions: Sequence[int], hook: HookPoint, length: int) ->
     return [(p, p - start) for p in positions if 0 <= p - start < length]
 
 
-def _heads(heads: Sequence[int] | None, n_heads: int) -> list[int]:
-    return list(range(n_heads)) if heads is None else list(heads)
+def _slots(tensor: Tensor, index: int, heads: Sequence[int] | None) -> tuple:
+    """Index of position ``index`` (and ``heads``) in an all-head or a one-head tensor."""
+    if tensor.dim() == 4:  # a per-head view: [batch, pos, d_k, d_v]
+        if heads is not None:
+            raise ValueError("heads= is for all-head hook points; a heads.{h} hook point is one head already")
+        return (slice(None), index)
+    return (slice(None), index, slice(None) if heads is None else list(heads))
 
 
 def scale_writes(positions: Sequence[int], factor: float, heads: Sequence[int] | None = None) -> HookFn:
     """Multiply the writes at ``positions`` (of ``heads``, default all) by ``factor``.
 
-    For ``hook_write`` ``[batch, pos, head, d_k, d_v]``.
+    For ``hook_write`` or ``heads.{h}.hook_write``.
     """
 
-    def hook(writes: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
+    def hook(writes: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
         for _, i in positions_in_call(positions, hook, writes.shape[1]):
-            writes[:, i, _heads(heads, writes.shape[2])] *= factor
+            writes[_slots(writes, i, heads)] *= factor
         return writes
 
     return hook
@@ -73,10 +81,9 @@ def set_writes(replacements: dict[tuple[int, int], Float[Tensor, "d_k d_v"]]) ->
 def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequence[int] | None = None) -> HookFn:
     """Add ``delta`` to the state after ``position`` (for ``hook_state``); later states follow."""
 
-    def hook(states: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
+    def hook(states: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
         for _, i in positions_in_call([position], hook, states.shape[1]):
-            for h in _heads(heads, states.shape[2]):
-                states[:, i, h] += delta.to(states.dtype)
+            states[_slots(states, i, heads)] += delta.to(states.dtype)
         return states
 
     return hook

@@ -23,6 +23,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from .architectures import architecture_of
 from .blocks import FinalNormHooks, RunContext, StopForward
+from .cache import RecurrentCache
 from .components import OutputHook
 from .config import HookedRecurrentConfig
 from .hook_points import HookPoint, observer
@@ -226,6 +227,7 @@ class HookedRecurrentModel(HookedRootModule):
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
         position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: RecurrentCache | bool | None = None,
     ) -> Any:
         """Run the model.
 
@@ -240,33 +242,70 @@ class HookedRecurrentModel(HookedRootModule):
             prepend_bos: For text input, whether to prepend BOS (default: ``cfg.default_prepend_bos``).
             padding_side: For batches of text, which side to pad.
             position_ids: Passed to the HF model (rotary positions of attention layers).
+            cache: A `RecurrentCache` to continue from and update in place (the input then holds
+                the next tokens only; hooks see ``hook.start_position == cache.position``), or
+                True to start a new one and return ``(output, cache)``.
 
         Returns:
             Logits ``[batch, pos, d_vocab]``, the loss, both, None, or the residual stream when
-            ``stop_at_layer`` is given.
+            ``stop_at_layer`` is given; with ``cache=True``, a tuple ``(that, cache)``.
         """
         tokens, attention_mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
         if stop_at_layer is not None and stop_at_layer < 0:
             stop_at_layer += self.cfg.n_layers
+        if stop_at_layer is not None and cache is not None:
+            raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
+        return_cache = cache is True
+        if cache is True or cache is False:
+            cache = RecurrentCache(self, tokens.shape[0]) if cache else None
+        hf_kwargs: dict[str, Any] = {}
+        if position_ids is not None:
+            if not self.architecture.uses_position_ids:
+                raise ValueError(f"{self.cfg.architecture} has no positional encoding; drop position_ids")
+            hf_kwargs["position_ids"] = position_ids
+        mask = attention_mask
+        if cache is not None:
+            cache.check_continuation(self, tokens.shape[0])
+            mask = cache.mask_after(attention_mask, tokens.shape[1])
         self.context.stop_at_layer = stop_at_layer
+        self.context.start_position = 0 if cache is None else cache.position
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        self.context.padding_mask = attention_mask if padded else None
         try:
             output = self.hf_model(
                 input_ids=tokens,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
+                attention_mask=mask,
+                cache=cache,
+                use_cache=cache is not None,
+                **hf_kwargs,
             )
         except StopForward as stop:
             return stop.residual
+        except BaseException:
+            if cache is not None:
+                cache.mark_broken()
+            raise
         finally:
             self.context.stop_at_layer = None
+            self.context.start_position = 0
+            self.context.padding_mask = None
+        if cache is not None:
+            cache.advance(mask, tokens.shape[1])
         logits = output.logits
         if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+            result = logits
+        elif return_type is None:
+            result = None
+        else:
+            loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
+            result = loss if return_type == "loss" else (logits, loss)
+        return (result, cache) if return_cache else result
+
+    def generate(self, input: Any = "", max_new_tokens: int = 10, **kwargs: Any) -> Any:
+        """Sample a continuation with hooks live at every step; see `hooked_recurrent.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
 
     def _inputs(
         self,
@@ -275,7 +314,7 @@ class HookedRecurrentModel(HookedRootModule):
         prepend_bos: bool | None,
         padding_side: str | None,
     ) -> tuple[Tensor, Tensor | None]:
-        if isinstance(input, (str, list)):
+        if isinstance(input, str) or (isinstance(input, list) and all(isinstance(t, str) for t in input)):
             tokens, mask = self._tokenize(input, prepend_bos, padding_side)
             return tokens, attention_mask if attention_mask is not None else mask
         if not isinstance(input, Tensor):

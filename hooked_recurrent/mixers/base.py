@@ -90,6 +90,17 @@ class MatrixRecurrentMixer(nn.Module):
         self.hook_recurrence_out = HookPoint("batch pos head d_v")
         self.heads = nn.ModuleList(HeadHooks() for _ in range(n_heads))
 
+    def padding_mask(self, attention_mask: Tensor | None) -> Tensor | None:
+        """The mask to zero padded inputs with.
+
+        transformers drops the mask for single-token calls (a decode step is never padding), but
+        a one-token call can also be the first token of a left-padded prompt continued through a
+        cache; the model's run context keeps the mask for that case.
+        """
+        if attention_mask is None and getattr(self, "context", None) is not None:
+            return self.context.padding_mask
+        return attention_mask
+
     def _looks_at_factors(self) -> bool:
         points = [self.hook_write_key, self.hook_write_value, self.hook_read_query]
         points += [self.hook_write, self.hook_state]

@@ -47,11 +47,13 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
 
     Args:
         hf_module: The ``Qwen3_5GatedDeltaNet`` it hooks (kept, not copied, not re-registered).
+        context: The model's `RunContext`.
     """
 
-    def __init__(self, hf_module: torch.nn.Module) -> None:
+    def __init__(self, hf_module: torch.nn.Module, context: Any = None) -> None:
         super().__init__(hf_module.num_v_heads, hf_module.head_k_dim, hf_module.head_v_dim)
         self.__dict__["hf"] = hf_module  # a plain reference: parameters stay at their HF path
+        self.__dict__["context"] = context
         self.hook_q_pre_conv = HookPoint("batch pos key_head d_k")
         self.hook_k_pre_conv = HookPoint("batch pos key_head d_k")
         self.hook_v_pre_conv = HookPoint("batch pos head d_v")
@@ -71,6 +73,7 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
     ) -> Tensor:
         """Same computation and cache updates as ``Qwen3_5GatedDeltaNet.forward``, with hooks."""
         m = self.hf
+        attention_mask = self.padding_mask(attention_mask)
         hidden_states = hf_qwen.apply_mask_to_padding_states(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         if cache is not None:

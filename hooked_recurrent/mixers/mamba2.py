@@ -50,11 +50,13 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
 
     Args:
         hf_module: The ``Mamba2Mixer`` it hooks (a plain reference, not re-registered).
+        context: The model's `RunContext`.
     """
 
-    def __init__(self, hf_module: torch.nn.Module) -> None:
+    def __init__(self, hf_module: torch.nn.Module, context: Any = None) -> None:
         super().__init__(hf_module.num_heads, hf_module.ssm_state_size, hf_module.head_dim)
         self.__dict__["hf"] = hf_module
+        self.__dict__["context"] = context
         self.hook_x_pre_conv = HookPoint("batch pos head head_dim")
         self.hook_B_pre_conv = HookPoint("batch pos group d_state")
         self.hook_C_pre_conv = HookPoint("batch pos group d_state")
@@ -86,6 +88,7 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
 
         # float32 like the kernels, except for float64 models (exact checks).
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        attention_mask = self.padding_mask(attention_mask)
         hidden_states = hf_mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
         projected = m.in_proj(hidden_states)
         A = -torch.exp(m.A_log.to(compute_dtype))

@@ -1,0 +1,295 @@
+"""RecurrentCache: the model's memory after a prefix, to continue, fork, edit, save and load.
+
+Per layer it holds the recurrent state and the short-convolution state (matrix-recurrent layers)
+or the keys and values (attention layers), plus the position it has reached and the attention
+mask seen so far. It is a transformers ``DynamicCache`` (the HF model reads and updates it as
+usual), with what interpretability work needs on top: independent copies, per-layer and per-head
+state access in the key-by-value layout of DESIGN §2, batch tiling for forks, and safetensors files.
+
+Example:
+    >>> import torch
+    >>> from hooked_recurrent import HookedRecurrentModel, RecurrentCache
+    >>> model = HookedRecurrentModel.from_pretrained("tiny-random:qwen3.5")
+    >>> tokens = torch.arange(3, 23)[None]
+    >>> cache = RecurrentCache(model, batch_size=1)
+    >>> _ = model(tokens[:, :12], cache=cache)
+    >>> cache.position, tuple(cache.state(0).shape)
+    (12, (1, 4, 16, 24))
+    >>> fork = cache.clone()
+    >>> fork.set_state(0, torch.zeros(16, 24), head=2)     # edits the copy only
+    >>> torch.testing.assert_close(model(tokens[:, 12:], cache=cache), model(tokens, )[:, 12:])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+if TYPE_CHECKING:
+    from .model import HookedRecurrentModel
+
+__all__ = ["RecurrentCache", "model_signature"]
+
+_FORMAT = "hooked_recurrent.RecurrentCache/1"
+
+
+def model_signature(model: HookedRecurrentModel) -> dict[str, Any]:
+    """What a cache must agree with to be continued by a model."""
+    cfg = model.cfg
+    return {
+        "architecture": cfg.architecture,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "layer_types": list(cfg.layer_types),
+        "n_heads": cfg.n_heads,
+        "d_k": cfg.d_k,
+        "d_v": cfg.d_v,
+        "model_name": cfg.model_name,
+    }
+
+
+class RecurrentCache(DynamicCache):
+    """A model's cache after some tokens; continue it with ``model(tokens, cache=cache)``.
+
+    Args:
+        model: The model it belongs to (only its description and identity are kept).
+        batch_size: Number of sequences.
+
+    Attributes:
+        position: Tokens consumed so far (the absolute position of the next token).
+        batch_size: Number of sequences.
+        attention_mask: ``[batch, position]`` mask of the tokens consumed (1 = real token).
+    """
+
+    def __init__(self, model: HookedRecurrentModel, batch_size: int) -> None:
+        super().__init__(config=model.hf_model.config)
+        self.position = 0
+        self._batch_size = batch_size
+        self.attention_mask: Int[Tensor, "batch pos"] | None = None
+        self.signature = model_signature(model)
+        self.owner_id = id(model.hf_model)
+        self._transposed = {i for i, kind in enumerate(model.cfg.layer_types) if kind == "mamba2"}
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def mask_after(self, new_mask: Tensor | None, n_new: int) -> Tensor | None:
+        """The attention mask over all positions once ``n_new`` more tokens are consumed."""
+        if new_mask is None and self.attention_mask is None:
+            return None
+        device = (new_mask if new_mask is not None else self.attention_mask).device
+        past = self.attention_mask
+        if past is None:
+            past = torch.ones(self.batch_size, self.position, dtype=torch.long, device=device)
+        if new_mask is None:
+            new_mask = torch.ones(self.batch_size, n_new, dtype=past.dtype, device=device)
+        return torch.cat([past.to(device), new_mask.to(past.dtype)], dim=1)
+
+    def advance(self, full_mask: Tensor | None, n_new: int) -> None:
+        """Record that ``n_new`` tokens were consumed (called by the model after a forward)."""
+        self.position += n_new
+        self.attention_mask = full_mask
+
+    def mark_broken(self) -> None:
+        """A forward using this cache raised midway: some layers saw the new tokens, others did not."""
+        self.broken = True
+
+    def check_continuation(self, model: HookedRecurrentModel, batch_size: int) -> None:
+        """Raise if this cache cannot be continued by ``model`` on ``batch_size`` sequences."""
+        if getattr(self, "broken", False):
+            raise ValueError(
+                "This cache is incomplete: a forward that used it raised midway. Continue from a clone "
+                "made before that call (cache.clone()), or start a new RecurrentCache."
+            )
+        if id(model.hf_model) != self.owner_id or model_signature(model) != self.signature:
+            raise ValueError(
+                f"This cache was filled by another model ({self.signature['model_name']}, "
+                f"{self.signature['architecture']}); continue it with that model, or start a new "
+                "RecurrentCache(model, batch_size) for this one."
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"This cache holds {self.batch_size} sequence(s) but the input has batch size {batch_size}; "
+                "use cache.repeat(n) to tile it, or a cache built for this batch."
+            )
+
+    # ------------------------------------------------------------------ state access
+
+    def _layer(self, layer: int) -> Any:
+        if not 0 <= layer < len(self.layers):
+            raise IndexError(f"layer {layer} is out of range for a cache of {len(self.layers)} layers")
+        return self.layers[layer]
+
+    def _linear(self, layer: int) -> Any:
+        entry = self._layer(layer)
+        if not isinstance(entry, LinearAttentionCacheLayerMixin):
+            raise ValueError(f"layer {layer} is an attention layer; use cache.keys(layer) / cache.values(layer)")
+        if not entry.has_previous_state[0]:
+            raise ValueError(f"layer {layer} holds no state yet; run some tokens with this cache first")
+        return entry
+
+    def state(self, layer: int) -> Float[Tensor, "batch head d_k d_v"]:
+        """The recurrent state of a layer, key-by-value (a view; edit it with `set_state`)."""
+        state = self._linear(layer).recurrent_states[0]
+        return state.transpose(-1, -2) if layer in self._transposed else state
+
+    def set_state(
+        self,
+        layer: int,
+        value: Float[Tensor, "... d_k d_v"],
+        head: int | None = None,
+    ) -> None:
+        """Replace a layer's state, or one head's (broadcast over the batch if given per head).
+
+        Args:
+            layer: Layer index.
+            value: ``[batch, head, d_k, d_v]`` (all heads) or ``[d_k, d_v]`` / ``[batch, d_k, d_v]`` (one head).
+            head: Head index, or None for all heads.
+        """
+        stored = self._linear(layer).recurrent_states[0]
+        target = stored.transpose(-1, -2) if layer in self._transposed else stored
+        n_heads = target.shape[1]
+        if head is not None and not 0 <= head < n_heads:
+            raise IndexError(f"head {head} is out of range: layer {layer} has {n_heads} heads")
+        slot = target if head is None else target[:, head]
+        if value.shape[-2:] != slot.shape[-2:]:
+            raise ValueError(
+                f"a state of layer {layer} is [d_k, d_v] = {tuple(slot.shape[-2:])}, got {tuple(value.shape)}"
+            )
+        slot.copy_(value.to(slot.dtype).expand_as(slot))
+
+    def conv_state(self, layer: int) -> Float[Tensor, "batch channel kernel"]:
+        """The short convolution's state of a matrix-recurrent layer (its last inputs)."""
+        return self._linear(layer).conv_states[0]
+
+    def keys(self, layer: int) -> Float[Tensor, "batch kv_head pos d_head"]:
+        """Cached keys of an attention layer."""
+        entry = self._layer(layer)
+        if isinstance(entry, LinearAttentionCacheLayerMixin):
+            raise ValueError(f"layer {layer} is matrix-recurrent; use cache.state(layer)")
+        return entry.keys
+
+    def values(self, layer: int) -> Float[Tensor, "batch kv_head pos d_head"]:
+        """Cached values of an attention layer."""
+        self.keys(layer)
+        return self._layer(layer).values
+
+    # ------------------------------------------------------------------ copies
+
+    def clone(self) -> RecurrentCache:
+        """An independent copy: edits to one never reach the other."""
+        return copy.deepcopy(self)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> RecurrentCache:
+        out = self.clone()
+        for entry in out.layers:
+            if isinstance(entry, LinearAttentionCacheLayerMixin):
+                for store in (entry.conv_states, entry.recurrent_states):
+                    for key, value in store.items():
+                        if isinstance(value, Tensor):
+                            store[key] = fn(value)
+            elif getattr(entry, "is_initialized", False):
+                entry.keys, entry.values = fn(entry.keys), fn(entry.values)
+        if out.attention_mask is not None:
+            out.attention_mask = fn(out.attention_mask)
+        return out
+
+    def repeat(self, n: int) -> RecurrentCache:
+        """A copy with the batch tiled ``n`` times (copy ``i`` holds rows ``i*batch .. (i+1)*batch``)."""
+        out = self._map(lambda x: x.repeat(n, *([1] * (x.dim() - 1))))
+        out._batch_size = self.batch_size * n
+        return out
+
+    def select(self, rows: Tensor | list[int]) -> RecurrentCache:
+        """A copy with only some sequences of the batch."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        out = self._map(lambda x: x[index.to(x.device)])
+        out._batch_size = len(index)
+        return out
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache to one safetensors file (atomically: a crash leaves no partial file)."""
+        tensors: dict[str, Tensor] = {}
+        layers_meta = []
+        for i, entry in enumerate(self.layers):
+            if isinstance(entry, LinearAttentionCacheLayerMixin):
+                started = bool(entry.has_previous_state[0])
+                if started:
+                    tensors[f"{i}.conv"] = entry.conv_states[0]
+                    tensors[f"{i}.recurrent"] = entry.recurrent_states[0]
+                layers_meta.append({"kind": "linear", "started": started})
+            else:
+                started = bool(getattr(entry, "is_initialized", False))
+                if started:
+                    tensors[f"{i}.keys"], tensors[f"{i}.values"] = entry.keys, entry.values
+                layers_meta.append({"kind": "attention", "started": started})
+        if self.attention_mask is not None:
+            tensors["attention_mask"] = self.attention_mask
+        meta = {
+            "format": _FORMAT,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "signature": self.signature,
+            "layers": layers_meta,
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"hooked_recurrent": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: HookedRecurrentModel) -> RecurrentCache:
+        """Read a cache saved with `save`, for ``model`` (which must be the model it was saved from)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("hooked_recurrent")
+        if raw is None:
+            raise ValueError(f"{path} is not a RecurrentCache file (no hooked_recurrent metadata)")
+        meta = json.loads(raw)
+        if meta["signature"] != model_signature(model):
+            raise ValueError(
+                f"{path} was saved from {meta['signature']['model_name']} ({meta['signature']['architecture']}), "
+                f"not from {model.cfg.model_name}; load it with that model."
+            )
+        tensors = load_file(str(path), device=str(model.cfg.device))
+        cache = cls(model, meta["batch_size"])
+        cache.position = meta["position"]
+        cache.attention_mask = tensors.get("attention_mask")
+        for i, (entry, info) in enumerate(zip(cache.layers, meta["layers"])):
+            if not info["started"]:
+                continue
+            if info["kind"] == "linear":
+                conv, recurrent = tensors[f"{i}.conv"], tensors[f"{i}.recurrent"]
+                entry.conv_states[0], entry.recurrent_states[0] = conv, recurrent
+                entry.conv_kernel_size[0] = conv.shape[-1]
+                entry.is_conv_states_initialized[0] = entry.is_recurrent_states_initialized[0] = True
+                entry.has_previous_state[0] = True
+                entry.dtype, entry.device = conv.dtype, conv.device
+            else:
+                entry.keys, entry.values = tensors[f"{i}.keys"], tensors[f"{i}.values"]
+                entry.is_initialized, entry.device = True, entry.keys.device
+        return cache

@@ -1,0 +1,144 @@
+"""Many alternative edits from one prefix, in one batched pass.
+
+The prefix is computed once into a `RecurrentCache`; the cache is tiled once per condition and
+the continuation runs as one batch in which each condition's hooks act on its own rows only.
+This is how the paper's per-firing comparisons (atom / delete / random at a position t) are run
+without recomputing the prefix for every condition, and without conditions leaking into each
+other (each condition continues from its own copy of the cache).
+
+Example:
+    >>> import torch
+    >>> from hooked_recurrent import HookedRecurrentModel
+    >>> from hooked_recurrent.edits import delete_writes, scale_writes
+    >>> model = HookedRecurrentModel.from_pretrained("tiny-random:qwen3.5")
+    >>> tokens = torch.arange(3, 43)[None]
+    >>> name = model.cfg.hook_name(1, "hook_write")
+    >>> conditions = [[], [(name, delete_writes([20]))], [(name, scale_writes([20], 3.0))]]
+    >>> logits = fork(model, tokens, 20, conditions)   # read at position 20 only
+    >>> tuple(logits.shape)
+    (3, 1, 1, 256)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .cache import RecurrentCache
+
+if TYPE_CHECKING:
+    from .model import HookedRecurrentModel
+
+__all__ = ["fork", "fork_from", "Condition"]
+
+Condition = Sequence[tuple[str | Callable[[str], bool], Callable]]
+"""One condition: a list of ``(hook name or name filter, hook function)``, as for ``run_with_hooks``."""
+
+
+def _rows(fn: Callable, start: int, stop: int) -> Callable:
+    """Apply a hook to rows ``start:stop`` of the batch only (in place)."""
+
+    def hook(activation: Tensor, hook) -> Tensor:  # noqa: ANN001 - TransformerLens passes the HookPoint
+        part = activation[start:stop]
+        result = fn(part, hook=hook)
+        if result is not None and result is not part:
+            activation[start:stop] = result
+        return activation
+
+    hook.__name__ = getattr(fn, "__name__", "condition_hook")
+    return hook
+
+
+def fork_from(
+    model: HookedRecurrentModel,
+    cache: RecurrentCache,
+    continuation: Int[Tensor, "batch pos"],
+    conditions: Sequence[Condition],
+    *,
+    position: int | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    return_caches: bool = False,
+) -> Float[Tensor, "condition batch pos d_vocab"] | tuple[Tensor, RecurrentCache]:
+    """Continue one cache under several conditions at once.
+
+    Args:
+        model: The model the cache belongs to.
+        cache: The prefix's cache (left untouched).
+        continuation: Tokens from ``cache.position`` on (at least one).
+        conditions: One list of hooks per condition; an empty list is the unedited run. Hook
+            functions see only their condition's rows; positions in them are absolute.
+        position: If given, the position the fork must start at (an error says so otherwise).
+        attention_mask: Mask of the continuation tokens.
+        return_caches: Also return the tiled cache after the continuation (condition-major rows).
+
+    Returns:
+        Logits ``[condition, batch, pos, d_vocab]`` for the continuation positions.
+    """
+    if position is not None and position != cache.position:
+        if position > cache.position:
+            raise ValueError(
+                f"cannot fork at position {position}: the cache has only reached position {cache.position}; "
+                f"run tokens {cache.position}..{position - 1} into it first"
+            )
+        raise ValueError(
+            f"cannot fork at position {position}: the cache is already at position {cache.position} and "
+            "holds no earlier state; fork from a cache saved (cloned) at that position"
+        )
+    if continuation.dim() == 1:
+        continuation = continuation[None]
+    if continuation.shape[1] == 0:
+        raise ValueError("the continuation needs at least one token (the position to fork at)")
+    n, batch = len(conditions), cache.batch_size
+    if continuation.shape[0] != batch:
+        raise ValueError(f"the continuation has batch size {continuation.shape[0]}, the cache {batch}")
+    tiled = cache.repeat(n)
+    hooks = [
+        (name, _rows(fn, i * batch, (i + 1) * batch)) for i, condition in enumerate(conditions) for name, fn in condition
+    ]
+    mask = None if attention_mask is None else attention_mask.repeat(n, 1)
+    with torch.no_grad():
+        logits = model.run_with_hooks(continuation.repeat(n, 1), cache=tiled, attention_mask=mask, fwd_hooks=hooks)
+    logits = logits.reshape(n, batch, *logits.shape[1:])
+    return (logits, tiled) if return_caches else logits
+
+
+def fork(
+    model: HookedRecurrentModel,
+    tokens: Int[Tensor, "batch pos"],
+    position: int,
+    conditions: Sequence[Condition],
+    *,
+    until: int | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "condition batch forked_pos d_vocab"]:
+    """Compute ``tokens[:, :position]`` once, then every condition on ``tokens[:, position:until]``.
+
+    Args:
+        model: The model.
+        tokens: The full sequences.
+        position: Where the conditions start (their edits usually sit at this position).
+        conditions: One list of hooks per condition (see `fork_from`).
+        until: End of the continuation (default: the end of ``tokens``; ``position + 1`` reads
+            the conditions at ``position`` only).
+        attention_mask: Mask of ``tokens``.
+
+    Returns:
+        Logits ``[condition, batch, until - position, d_vocab]``, equal to running each condition
+        from scratch over the whole sequence and keeping positions ``position:until``.
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    until = tokens.shape[1] if until is None else until
+    if not 0 <= position < until <= tokens.shape[1]:
+        raise ValueError(f"need 0 <= position < until <= {tokens.shape[1]}, got position={position}, until={until}")
+    cache = RecurrentCache(model, tokens.shape[0])
+    prefix_mask = None if attention_mask is None else attention_mask[:, :position]
+    if position > 0:
+        with torch.no_grad():
+            model(tokens[:, :position], attention_mask=prefix_mask, cache=cache, return_type=None)
+    rest_mask = None if attention_mask is None else attention_mask[:, position:until]
+    return fork_from(model, cache, tokens[:, position:until], conditions, attention_mask=rest_mask)
