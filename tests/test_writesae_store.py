@@ -1,0 +1,96 @@
+"""The store keeps exactly what the hooks saw, split by sequence, sharded, and streams it reproducibly."""
+
+import pytest
+import torch
+
+from helpers import left_padding_mask, random_tokens, tiny_pair
+from writesae.store import WriteStore, collect
+
+ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return tiny_pair(request.param)[0]
+
+
+@pytest.mark.parametrize("kind", ["state", "write"])
+@torch.no_grad()
+def test_store_holds_the_hooked_values_at_their_positions(model, kind, tmp_path):
+    tokens = random_tokens(12, 40, seed=1)
+    mask = left_padding_mask(12, 40, [0, 5] * 6)
+    layer = model.cfg.recurrent_layers[1]
+    store = collect(model, tokens, layers=[layer], heads=[0, 2], kind=kind, out_dir=tmp_path / "s",
+                    attention_mask=mask, batch_size=5, shard_size=100, verbose=False)
+    names = [model.cfg.hook_name(layer, n) for n in ("hook_state", "hook_write_key", "hook_write_value")]
+    _, acts = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+    seen = set()
+    for split in ("train", "val"):
+        data = store.read(layer, 2, split)
+        seq, pos = data["sequence"], data["position"]
+        assert bool(mask[seq, pos].all())  # padding is never captured
+        if kind == "state":
+            torch.testing.assert_close(data["states"], acts[names[0]][seq, pos, 2], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(data["keys"], acts[names[1]][seq, pos, 2])
+            torch.testing.assert_close(data["values"], acts[names[2]][seq, pos, 2])
+        seen.add(frozenset(seq.tolist()))
+    train_seqs, val_seqs = seen
+    assert not train_seqs & val_seqs  # split by sequence
+    assert store.num_samples(layer, 2, "train") + store.num_samples(layer, 2, "val") == int(mask.sum())
+    assert len(list((tmp_path / "s" / "train" / f"L{layer}_H2").iterdir())) > 1  # sharded
+
+
+@torch.no_grad()
+def test_split_subsampling_and_streaming_are_reproducible(model, tmp_path):
+    tokens = random_tokens(20, 32, seed=2)
+    layer = model.cfg.recurrent_layers[0]
+    kwargs = dict(layers=[layer], heads=[1], kind="write", positions_per_sequence=6, skip_first=2, shard_size=40,
+                  seed=7, verbose=False)
+    a = collect(model, tokens, out_dir=tmp_path / "a", batch_size=4, **kwargs)
+    b = collect(model, tokens, out_dir=tmp_path / "b", batch_size=4, **kwargs)
+    assert a.num_samples(layer, 1, "train") + a.num_samples(layer, 1, "val") == 20 * 6
+    assert (a.read(layer, 1)["position"] >= 2).all()
+    for split in ("train", "val"):
+        assert torch.equal(a.read(layer, 1, split)["keys"], b.read(layer, 1, split)["keys"])
+    source = a.source(layer, 1)
+    epoch0 = list(source.batches(0, 16))
+    again = list(source.batches(0, 16))
+    resumed = list(source.batches(0, 16, start=2))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(epoch0, again))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(epoch0[2:], resumed))
+    assert sum(len(k) for k, _ in epoch0) == source.num_samples
+    epoch1 = list(source.batches(1, 16))
+    assert not torch.equal(epoch0[0][0], epoch1[0][0])  # a new order each epoch
+
+
+@torch.no_grad()
+def test_writes_cost_far_fewer_bytes_than_states_and_means_are_stored(model, tmp_path):
+    tokens = random_tokens(6, 30, seed=3)
+    layer = model.cfg.recurrent_layers[0]
+    states = collect(model, tokens, layers=[layer], heads=[0], kind="state", out_dir=tmp_path / "s", center=True, verbose=False)
+    writes = collect(model, tokens, layers=[layer], heads=[0], kind="write", out_dir=tmp_path / "w", center=True, verbose=False)
+    d_k, d_v = model.cfg.d_k, model.cfg.d_v
+    ratio = states.bytes_per_sample(layer, 0) / writes.bytes_per_sample(layer, 0)
+    assert ratio > 0.5 * (d_k * d_v) / (d_k + d_v)  # shard headers and indices aside
+    data = states.read(layer, 0)
+    torch.testing.assert_close(states.mean(layer, 0).float(), data["states"].double().mean(0).float())
+    w = writes.read(layer, 0)
+    dense_mean = torch.einsum("nk,nv->kv", w["keys"].double(), w["values"].double()) / len(w["keys"])
+    torch.testing.assert_close(writes.mean(layer, 0).float(), dense_mean.float())
+
+
+def test_bad_input_and_damaged_files(model, tmp_path):
+    tokens = random_tokens(4, 10)
+    layer = model.cfg.recurrent_layers[0]
+    with pytest.raises(ValueError, match="head 99"):
+        collect(model, tokens, layers=[layer], heads=[99], out_dir=tmp_path / "x", verbose=False)
+    store = collect(model, tokens, layers=[layer], heads=[0], out_dir=tmp_path / "ok", verbose=False)
+    with pytest.raises(FileExistsError, match="already holds a store"):
+        collect(model, tokens, layers=[layer], heads=[0], out_dir=tmp_path / "ok", verbose=False)
+    with pytest.raises(KeyError, match="no layer"):
+        store.source(layer, 3)
+    shard = next((tmp_path / "ok" / "train").rglob("shard_*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(OSError, match="damaged"):
+        WriteStore(tmp_path / "ok").read(layer, 0)
