@@ -1,0 +1,70 @@
+"""Each statistic against a case worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from writesae.protocols.stats import (
+    cliffs_delta,
+    cluster_bootstrap,
+    fit_gaussian_mixture,
+    mann_whitney,
+    median_mad,
+    paired_wilcoxon,
+    partition_atoms,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_by_hand():
+    # 8/10 at 95%: z = 1.959964; centre (0.8 + z^2/20) / (1 + z^2/10), half-width z*sqrt(0.016 + z^2/400)/(1 + z^2/10)
+    z = 1.959963984540054
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.016 + z * z / 400) / (1 + z * z / 10)
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(centre - half, abs=1e-12) and high == pytest.approx(centre + half, abs=1e-12)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_paired_wilcoxon_exact_small_sample():
+    # Differences 1..5, all positive: the statistic's exact null distribution puts 1/32 on W=0, two-sided 2/32.
+    assert paired_wilcoxon([2, 4, 6, 8, 10], [1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
+    # Signs +1 -2 +3 -4 +5: W+ = 9, W- = 6. Subset sums of {1..5} <= 6 number 13 of 32, so p = 2 * 13/32.
+    assert paired_wilcoxon([1, -2, 3, -4, 5], [0, 0, 0, 0, 0]) == pytest.approx(26 / 32)
+
+
+def test_cliffs_delta_and_mann_whitney_by_hand():
+    # Pairs of [1,2,3] vs [2,2,4]: 2 where x > y, 5 where x < y, 2 ties.
+    assert cliffs_delta([1, 2, 3], [2, 2, 4]) == pytest.approx(-3 / 9)
+    assert cliffs_delta([5, 6], [1, 2, 3]) == 1.0
+    # Complete separation of 3 vs 3: exact two-sided p = 2 / C(6, 3) = 0.1.
+    assert mann_whitney([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+def test_median_mad_by_hand():
+    median, err = median_mad([1, 2, 3, 4, 100])
+    assert median == 3 and err == pytest.approx(1 / math.sqrt(5))  # |x - 3| = 2,1,0,1,97 -> MAD 1
+
+
+def test_cluster_bootstrap_respects_clusters():
+    # Clusters that are each constant: every resample's mean lies between the cluster means.
+    values = [0.2] * 10 + [0.8] * 10
+    clusters = ["a"] * 10 + ["b"] * 10
+    low, high = cluster_bootstrap(values, clusters, n_resamples=2000, seed=1)
+    assert 0.2 - 1e-12 <= low < 0.5 < high <= 0.8 + 1e-12
+    assert cluster_bootstrap([0.4] * 6, ["a", "b", "c"] * 2) == (pytest.approx(0.4), pytest.approx(0.4))
+
+
+def test_mixture_bic_prefers_two_classes_only_when_there_are_two():
+    rng = np.random.default_rng(0)
+    bimodal = np.concatenate([rng.normal(0.01, 0.005, 200), rng.normal(0.26, 0.05, 100)])
+    unimodal = rng.normal(0.1, 0.03, 300)
+    two = fit_gaussian_mixture(bimodal, 2)
+    assert two.means[0] == pytest.approx(0.01, abs=0.005) and two.means[1] == pytest.approx(0.26, abs=0.02)
+    assert two.weights[1] == pytest.approx(1 / 3, abs=0.03)
+    split = partition_atoms(dict(enumerate(bimodal)), threshold=None)
+    assert split.delta_bic < -100 and len(split.registers) == pytest.approx(100, abs=5)
+    assert partition_atoms(dict(enumerate(unimodal))).delta_bic > -10  # no real evidence for two classes
+    by_threshold = partition_atoms({0: 0.01, 1: 0.3, 2: 0.06, 3: -0.02}, threshold=0.05)
+    assert by_threshold.registers == [1, 2] and by_threshold.bundles == [0, 3]
