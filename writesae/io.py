@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file

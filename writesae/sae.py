@@ -32,7 +32,8 @@ reconstruction), ``hook_sae_error`` and ``hook_sae_output`` (forward only).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -59,6 +60,8 @@ T_WRITE_SAE = TypeVar("T_WRITE_SAE", bound="WriteSAE")
 
 # A rank-1 input given as (key [..., d_k], value [..., d_v]); it stands for key value^T.
 FactorPair = tuple[Float[Tensor, "*batch d_k"], Float[Tensor, "*batch d_v"]]
+# The same with the leading axes flattened into one (what the internals pass around).
+FlatPair = tuple[Float[Tensor, "b d_k"], Float[Tensor, "b d_v"]]
 
 
 def _is_hooked(hook: nn.Module) -> bool:
@@ -125,6 +128,9 @@ class WriteSAEMixin:
         # reads them gets a dense view built on demand.
         if self._is_view(name):
             return self.dense_W_enc() if name == "W_enc" else self.dense_W_dec()
+        if name in ("atom_key", "atom_value", "encoder_factors"):
+            # Python lands here when a property raised AttributeError: say why.
+            raise AttributeError(self._no_factors_message(name))
         return super().__getattr__(name)  # type: ignore[misc]
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -182,17 +188,23 @@ class WriteSAEMixin:
             return self.W_enc_key, self.W_enc_value  # type: ignore[attr-defined]
         if self.cfg.variant == "bilinear_tied":
             return self.W_dec_key, self.W_dec_value  # type: ignore[attr-defined]
-        raise AttributeError(
-            f"variant {self.cfg.variant!r} has a dense encoder W_enc [d_in, d_sae], not factors."
-        )
+        raise AttributeError("encoder_factors")
 
     def _factor_param(self, name: str) -> Tensor:
         if not has_factor_decoder(self.cfg.variant):
-            raise AttributeError(
-                "variant 'flat' has dense atoms (W_dec [d_sae, d_in]) and no factors; "
-                "use atom_matrices() for [d_sae, d_k, d_v] atoms."
-            )
+            raise AttributeError(name)
         return getattr(self, name)
+
+    def _no_factors_message(self, name: str) -> str:
+        if name == "encoder_factors":
+            return (
+                f"variant {self.cfg.variant!r} has a dense encoder W_enc [d_in, d_sae] and no "
+                "encoder factors; use dense_W_enc()."
+            )
+        return (
+            "variant 'flat' has dense atoms (W_dec [d_sae, d_in]) and no factors; use "
+            "atom_matrices() for [d_sae, d_k, d_v] atoms."
+        )
 
     def atom_matrices(
         self, indices: Int[Tensor, " n"] | list[int] | None = None
@@ -300,7 +312,7 @@ class WriteSAEMixin:
 
     def _split_input(
         self, x: Float[Tensor, "..."] | FactorPair
-    ) -> tuple[Float[Tensor, "b d_k d_v"] | None, FactorPair | None, tuple[int, ...], Layout]:
+    ) -> tuple[Float[Tensor, "b d_k d_v"] | None, FlatPair | None, tuple[int, ...], Layout]:
         """Read an input as (matrices, factor pair, leading shape, layout); fires ``hook_sae_input``.
 
         A factor pair is materialised only if ``hook_sae_input`` has hooks (they need the matrix).
@@ -336,7 +348,7 @@ class WriteSAEMixin:
         )
 
     def _scores(
-        self, states: Float[Tensor, "b d_k d_v"] | None, pair: FactorPair | None
+        self, states: Float[Tensor, "b d_k d_v"] | None, pair: FlatPair | None
     ) -> Float[Tensor, "b d_sae"]:
         """Pre-activations before hooks: ``<E_i, S - c_in> + b_enc_i`` for matrices or factor pairs."""
         cfg = self.cfg
@@ -363,7 +375,7 @@ class WriteSAEMixin:
 
     def _encode_code(
         self, x: Float[Tensor, "..."] | FactorPair
-    ) -> tuple[Float[Tensor, "b d_sae"], SparseCode, tuple[int, ...], Layout, Tensor | None, FactorPair | None]:
+    ) -> tuple[Float[Tensor, "b d_sae"], SparseCode, tuple[int, ...], Layout, Tensor | None, FlatPair | None]:
         """Encode with hooks; returns (pre, code, leading shape, layout, matrices, factor pair)."""
         states, pair, lead, layout = self._split_input(x)
         pre = self.hook_sae_acts_pre(self._scores(states, pair).reshape(*lead, -1))

@@ -109,7 +109,7 @@ class TrainerConfig:
     val_every: int | None = None
     val_batch_size: int | None = None
     checkpoint_every: int | None = None
-    out_dir: str | None = None
+    out_dir: str | Path | None = None
     log_every: int = 1
     progress: bool = True
     estimate_input_mean: bool = True
@@ -266,8 +266,8 @@ class WriteSAETrainer:
             "epoch": self.epoch,
             "samples": self.samples_seen,
             "lr": lr,
-            "loss": float(out.loss),
-            "aux": float(out.aux),
+            "loss": float(out.loss.detach()),
+            "aux": float(out.aux.detach()),
             **totals.metrics(),
             "dead_fraction": float(self.dead_mask.float().mean()),
             "resampled": n_resampled,
@@ -418,7 +418,7 @@ class WriteSAETrainer:
         def write(d: Path) -> None:
             write_sae_files(d, self.sae.state_dict(), self.sae.cfg.get_inference_sae_cfg_dict())
             save_file(tensors, d / TRAINER_STATE_TENSORS)
-            (d / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2))
+            (d / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str))
 
         return write_atomic_dir(path, write)
 
