@@ -27,10 +27,10 @@ the choice written next to it (DESIGN.md §5):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sae_lens.saes.sae import SAEConfig, TrainingSAEConfig
+from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from typing_extensions import override
 
 ARCHITECTURE = "write_sae"
@@ -143,6 +143,8 @@ class WriteSAEConfig(SAEConfig, _WriteFields):
 
     # SAELens' default; here it means "centre with the learned b_dec" (see module docstring).
     apply_b_dec_to_input: bool = True
+    # SAELens' from_dict passes a plain dict here before replacing it; accept and convert it.
+    metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
 
     @override
     @classmethod
@@ -151,6 +153,8 @@ class WriteSAEConfig(SAEConfig, _WriteFields):
 
     @override
     def __post_init__(self) -> None:
+        if isinstance(self.metadata, dict):
+            self.metadata = SAEMetadata(**self.metadata)
         super().__post_init__()
         _validate(self)
 
@@ -179,6 +183,7 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
     """
 
     apply_b_dec_to_input: bool = True
+    metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
     k_aux: int = 256
     aux_loss_coefficient: float = 1e-2
 
@@ -189,6 +194,8 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
 
     @override
     def __post_init__(self) -> None:
+        if isinstance(self.metadata, dict):
+            self.metadata = SAEMetadata(**self.metadata)
         _validate(self)
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0 (got {self.k_aux}); 0 turns the AuxK loss off.")
