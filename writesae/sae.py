@@ -32,8 +32,9 @@ reconstruction), ``hook_sae_error`` and ``hook_sae_output`` (forward only).
 from __future__ import annotations
 
 from pathlib import Path
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -62,6 +63,37 @@ T_WRITE_SAE = TypeVar("T_WRITE_SAE", bound="WriteSAE")
 FactorPair = tuple[Float[Tensor, "*batch d_k"], Float[Tensor, "*batch d_v"]]
 # The same with the leading axes flattened into one (what the internals pass around).
 FlatPair = tuple[Float[Tensor, "b d_k"], Float[Tensor, "b d_v"]]
+
+
+class Encoded(NamedTuple):
+    """One encode pass, with everything decode and the losses need.
+
+    Attributes:
+        pre: ``[b, d_sae]`` pre-activations (after ``hook_sae_acts_pre``).
+        code: The code (after ``hook_sae_acts_post``), leading axes flattened to ``b``.
+        lead: Leading shape of the input.
+        layout: ``"matrix"`` or ``"flat"`` (factor pairs count as matrix).
+        states: ``[b, d_k, d_v]`` inputs when encoded as matrices, else ``None``.
+        pair: Flattened factor pair when encoded in factor form, else ``None``.
+    """
+
+    pre: Float[Tensor, "b d_sae"]
+    code: SparseCode
+    lead: tuple[int, ...]
+    layout: Layout
+    states: Float[Tensor, "b d_k d_v"] | None
+    pair: FlatPair | None
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with torch's CPU RNG seeded by ``seed`` and restored afterwards (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _is_hooked(hook: nn.Module) -> bool:
@@ -373,10 +405,8 @@ class WriteSAEMixin:
                     pre = pre - F.atom_offset_inner(key_f, value_f, offset)
         return pre + self.b_enc  # type: ignore[attr-defined]
 
-    def _encode_code(
-        self, x: Float[Tensor, "..."] | FactorPair
-    ) -> tuple[Float[Tensor, "b d_sae"], SparseCode, tuple[int, ...], Layout, Tensor | None, FlatPair | None]:
-        """Encode with hooks; returns (pre, code, leading shape, layout, matrices, factor pair)."""
+    def encode_full(self, x: Float[Tensor, "..."] | FactorPair) -> Encoded:
+        """Encode with hooks, returning pre-activations and the sparse code too (see ``Encoded``)."""
         states, pair, lead, layout = self._split_input(x)
         pre = self.hook_sae_acts_pre(self._scores(states, pair).reshape(*lead, -1))
         code = self._code(pre)
@@ -390,7 +420,7 @@ class WriteSAEMixin:
             code.indices.reshape(-1, code.indices.shape[-1]),
             code.values.reshape(-1, code.values.shape[-1]),
         )
-        return pre.reshape(-1, n), flat_code, lead, layout, states, pair
+        return Encoded(pre.reshape(-1, n), flat_code, lead, layout, states, pair)
 
     @override
     def encode(self, x: Float[Tensor, "..."] | FactorPair) -> Float[Tensor, "... d_sae"]:
@@ -404,8 +434,8 @@ class WriteSAEMixin:
         Returns:
             Codes ``[..., d_sae]`` (leading axes of the input).
         """
-        _, code, lead, _, _, _ = self._encode_code(x)
-        return code.dense.reshape(*lead, self.cfg.d_sae)
+        enc = self.encode_full(x)
+        return enc.code.dense.reshape(*enc.lead, self.cfg.d_sae)
 
     def encode_factors(
         self, key: Float[Tensor, "*batch d_k"], value: Float[Tensor, "*batch d_v"]
@@ -459,16 +489,26 @@ class WriteSAEMixin:
     # ------------------------------------------------------------------ forward
 
     @override
-    def forward(self, x: Float[Tensor, "..."] | FactorPair) -> Float[Tensor, "..."]:
+    def forward(
+        self, x: Float[Tensor, "..."] | FactorPair, use_error_term: bool | None = None
+    ) -> Float[Tensor, "..."]:
         """Reconstruct ``x`` (in its layout; factor pairs give ``[..., d_k, d_v]`` matrices).
 
-        With ``use_error_term`` the output is ``x`` itself plus the change that hooks made to the
-        reconstruction, computed so that with no edits the output equals ``x`` bit for bit; the
-        gradient flows through the reconstruction only, as in SAELens.
+        With the error term the output is ``x`` itself plus the change that hooks made to the
+        reconstruction (edits of ``hook_sae_acts_post``/``hook_sae_recons``/``hook_sae_error`` pass
+        through), computed so that with no edits the output equals ``x`` bit for bit; the gradient
+        flows through the reconstruction only, as in SAELens.
+
+        Args:
+            x: As for ``encode``.
+            use_error_term: Override ``self.use_error_term`` for this call (splicing code can pass
+                it instead of setting SAELens' deprecated attribute).
         """
-        _, code, lead, layout, _, pair = self._encode_code(x)
+        if use_error_term is None:
+            use_error_term = self.use_error_term
+        _, code, lead, layout, _, pair = self.encode_full(x)
         recon = self.hook_sae_recons(self._to_layout(self._decode_matrix(code.dense), lead, layout))
-        if not self.use_error_term:
+        if not use_error_term:
             return self.hook_sae_output(recon)
         with torch.no_grad():
             # The clean pass takes the same route as the hooked one (factor pair or matrices) and
@@ -519,8 +559,10 @@ class WriteSAE(WriteSAEMixin, SAE[WriteSAEConfig]):
     ``WriteSAE.load_from_disk(path)``, which first checks the files and names what is wrong.
     """
 
-    def __init__(self, cfg: WriteSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
+    def __init__(self, cfg: WriteSAEConfig, use_error_term: bool = False, seed: int | None = None):
+        """Build the SAE; ``seed`` makes the random init reproducible without touching torch's global RNG."""
+        with seeded(seed):
+            super().__init__(cfg, use_error_term)
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:

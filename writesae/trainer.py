@@ -115,10 +115,27 @@ class TrainerConfig:
     estimate_input_mean: bool = True
     mean_samples: int | None = None
 
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "epochs", "max_samples", "dead_steps", "resample_every",
+                    "renorm_every", "val_every", "val_batch_size", "checkpoint_every", "log_every",
+                    "mean_samples")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainerConfig.{name} must be >= 1 or None (got {value}).")
+        if self.resample_from not in ("input", "residual"):
+            raise ValueError(
+                f"TrainerConfig.resample_from must be 'input' or 'residual' (got {self.resample_from!r})."
+            )
+        if not 0 < self.lr_min <= self.lr:
+            raise ValueError(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min}).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainerConfig.warmup_steps must be >= 0 (got {self.warmup_steps}).")
+
 
 def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr_min`` at the last step."""
-    if step < cfg.warmup_steps:
+    if step < cfg.warmup_steps:  # warmup_steps == 0 skips warm-up
         return cfg.lr * (step + 1) / cfg.warmup_steps
     decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)

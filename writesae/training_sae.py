@@ -33,7 +33,7 @@ from typing_extensions import override
 from writesae import factors as F
 from writesae.activations import SparseCode
 from writesae.config import WriteTrainingSAEConfig, has_factor_decoder
-from writesae.sae import FactorPair, WriteSAEMixin
+from writesae.sae import FactorPair, WriteSAEMixin, seeded
 
 Batch = Tensor | tuple[Tensor, Tensor]
 FactorLoss = Literal["auto", "gram", "dense"]
@@ -75,8 +75,12 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
 
     factor_loss: FactorLoss = "auto"
 
-    def __init__(self, cfg: WriteTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
+    def __init__(
+        self, cfg: WriteTrainingSAEConfig, use_error_term: bool = False, seed: int | None = None
+    ):
+        """Build the SAE; ``seed`` makes the random init reproducible without touching torch's global RNG."""
+        with seeded(seed):
+            super().__init__(cfg, use_error_term)
 
     @override
     def _batchtopk_rule(self) -> str:
@@ -89,11 +93,14 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     ) -> LossOutput:
         """Reconstruction (+ AuxK) loss of a batch of dense states or factor-form writes.
 
+        The encode hooks fire; ``hook_sae_recons``/``hook_sae_output`` do not, since a factor-form
+        batch never has a dense reconstruction.
+
         Args:
             batch: ``[B, d_k, d_v]`` or ``[B, d_in]`` states, or ``(key [B, d_k], value [B, d_v])``.
             dead_mask: Atoms currently counted as dead; ``None`` or all-false skips AuxK.
         """
-        pre, code, _, _, states, pair = self._encode_code(batch)
+        pre, code, _, _, states, pair = self.encode_full(batch)
         c_out = self._output_offset()
         aux_code = self._aux_code(pre, dead_mask)
         if states is None:
@@ -217,7 +224,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     def encode_with_hidden_pre(
         self, x: Float[Tensor, "..."] | FactorPair
     ) -> tuple[Float[Tensor, "... d_sae"], Float[Tensor, "... d_sae"]]:
-        pre, code, lead, _, _, _ = self._encode_code(x)
+        pre, code, lead, _, _, _ = self.encode_full(x)
         n = self.cfg.d_sae
         return code.dense.reshape(*lead, n), pre.reshape(*lead, n)
 
