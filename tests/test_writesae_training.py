@@ -175,6 +175,30 @@ def test_resampling_sets_atoms_from_high_error_sample() -> None:
         assert (state["exp_avg_sq"][~dead] != 0).any()
 
 
+@pytest.mark.parametrize("variant", ["bilinear", "matrix", "bilinear_tied", "flat"])
+@pytest.mark.parametrize("form", ["states", "factors"])
+@pytest.mark.parametrize("resample_from", ["input", "residual"])
+def test_every_variant_trains_through_resampling(variant: str, form: str, resample_from: str) -> None:
+    sae = training_sae(variant=variant, rank=1 if variant == "flat" else 2, d_sae=32, k=1,
+                       sparsity="batchtopk", batchtopk_inference="threshold")  # fmt: skip
+    keys, values = torch.randn(96, 6), torch.randn(96, 5)
+    data = FactorSource(keys, values) if form == "factors" else TensorSource(keys[:, :, None] * values[:, None, :])
+    cfg = TrainerConfig(batch_size=16, epochs=2, dead_steps=1, resample_every=3, renorm_every=12,
+                        resample_from=resample_from, progress=False, warmup_steps=2)  # fmt: skip
+    trainer = WriteSAETrainer(sae, data, cfg)
+    logs = [trainer.train_step(b) for b in data.batches(0, 16)] + [trainer.train_step(b) for b in data.batches(1, 16)]
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    assert sum(r["resampled"] for r in logs) > 0
+    # step 12 re-normalised every factor (flat: every W_dec row); resampling sets unit factors too
+    rows = [sae.W_dec] if variant == "flat" else [sae.W_dec_key, sae.W_dec_value]
+    for p in rows:
+        torch.testing.assert_close(p.norm(dim=-1), torch.ones(p.shape[:-1]))
+    assert float(sae.topk_threshold) > 0
+    sae.eval()
+    codes = sae.encode(keys[:4, :, None] * values[:4, None, :])
+    assert ((codes == 0) | (codes > sae.topk_threshold)).all()
+
+
 def test_renormalising_every_step_keeps_unit_factors() -> None:
     sae = training_sae(rank=2)
     cfg = TrainerConfig(batch_size=8, epochs=1, renorm_every=1, progress=False, warmup_steps=1, lr=1e-2)

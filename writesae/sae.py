@@ -31,9 +31,9 @@ reconstruction), ``hook_sae_error`` and ``hook_sae_output`` (forward only).
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import torch
