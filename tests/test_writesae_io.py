@@ -43,17 +43,11 @@ def test_fresh_process_loads_equal_sae_and_registration_is_idempotent(tmp_path: 
         torch.save({"x": states, "out": sae(states), "codes": sae.encode(states)}, tmp_path / f"{name}.pt")
     script = textwrap.dedent(
         f"""
-        import importlib, json, sys
-        import torch, sae_lens
-        from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-        import writesae
-        import writesae.sae, writesae.training_sae
-        importlib.reload(writesae)                      # re-import is a no-op
-        importlib.reload(writesae.sae)                  # new class objects ...
-        importlib.reload(writesae.training_sae)
-        importlib.reload(writesae)                      # ... the registry follows them
-        assert SAE_CLASS_REGISTRY["write_sae"][0] is writesae.sae.WriteSAE
-        assert SAE_TRAINING_CLASS_REGISTRY["write_sae"][0] is writesae.training_sae.WriteTrainingSAE
+        import json
+        import torch
+        import writesae  # the only thing a user does before loading
+        import sae_lens
+
         out = {{}}
         for name in ("bilinear", "flat"):
             sae = sae_lens.SAE.load_from_disk(r"{tmp_path}/" + name)
@@ -65,6 +59,19 @@ def test_fresh_process_loads_equal_sae_and_registration_is_idempotent(tmp_path: 
                 "out_equal": bool(torch.equal(sae(ref["x"]), ref["out"])),
                 "codes_equal": bool(torch.equal(sae.encode(ref["x"]), ref["codes"])),
             }}
+
+        # Registration survives re-import and importlib.reload, and follows reloaded classes.
+        import importlib
+        import writesae.sae, writesae.training_sae
+        from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+        importlib.reload(writesae)                      # re-import: no "already registered" error
+        importlib.reload(writesae.sae)                  # new class objects ...
+        importlib.reload(writesae.training_sae)
+        importlib.reload(writesae)                      # ... the registry follows them
+        assert SAE_CLASS_REGISTRY["write_sae"][0] is writesae.sae.WriteSAE
+        assert SAE_TRAINING_CLASS_REGISTRY["write_sae"][0] is writesae.training_sae.WriteTrainingSAE
+        again = sae_lens.SAE.load_from_disk(r"{tmp_path}/bilinear")
+        assert type(again) is writesae.sae.WriteSAE
         print(json.dumps(out))
         """
     )

@@ -428,8 +428,10 @@ class WriteSAEMixin:
 
         Args:
             x: A state tensor in either layout, or ``(key [..., d_k], value [..., d_v])`` standing
-                for the rank-1 matrices ``key value^T`` (never built unless ``hook_sae_input`` is
-                hooked).
+                for the rank-1 matrices ``key value^T``. Matched-filter (bilinear) encoders score
+                these from the factors, ``(v_i . k)(w_i . u)``, and never build them (unless
+                ``hook_sae_input`` is hooked); dense encoders have no such shortcut and build them
+                in bounded chunks (``factors.dense_scores_rank1``).
 
         Returns:
             Codes ``[..., d_sae]`` (leading axes of the input).
@@ -440,7 +442,7 @@ class WriteSAEMixin:
     def encode_factors(
         self, key: Float[Tensor, "*batch d_k"], value: Float[Tensor, "*batch d_v"]
     ) -> Float[Tensor, "*batch d_sae"]:
-        """Codes of rank-1 inputs ``key value^T`` without building them (same as ``encode((key, value))``)."""
+        """Codes of rank-1 inputs ``key value^T``, the same as ``encode((key, value))``."""
         return self.encode((key, value))
 
     # ------------------------------------------------------------------ decode
