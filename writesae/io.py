@@ -165,7 +165,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
         header = json.loads(raw)
         assert isinstance(header, dict)
     except (ValueError, AssertionError):
-        raise CheckpointError(f"{path}: corrupted: the safetensors header is not valid JSON; {fix}.") from None
+        raise CheckpointError(
+            f"{path}: corrupted: the safetensors header is not valid JSON; {fix}."
+        ) from None
     data_bytes = size - 8 - n
     end_max = 0
     for name, info in header.items():
@@ -176,7 +178,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
             begin, end = info["data_offsets"]
             expected = math.prod(info["shape"]) * itemsize
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupted: bad header entry for tensor {name!r}; {fix}.") from None
+            raise CheckpointError(
+                f"{path}: corrupted: bad header entry for tensor {name!r}; {fix}."
+            ) from None
         if end - begin != expected:
             raise CheckpointError(
                 f"{path}: corrupted: tensor {name!r} {info['dtype']}{info['shape']} needs {expected} "

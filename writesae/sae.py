@@ -457,13 +457,16 @@ class WriteSAEMixin:
         if has_factor_decoder(cfg.variant):
             code = sparse_rows(dense)
             indices = code.indices.sort(dim=-1).values
-            key_g, value_g = F.gather_factors(indices, self.W_dec_key, self.W_dec_value)  # type: ignore[attr-defined]
+            dec_key, dec_value = self.W_dec_key, self.W_dec_value  # type: ignore[attr-defined]
+            key_g, value_g = F.gather_factors(indices, dec_key, dec_value)
             recon = F.decode_gathered(dense.gather(-1, indices), key_g, value_g)
         else:
             recon = (dense @ self.W_dec).reshape(-1, cfg.d_k, cfg.d_v)  # type: ignore[attr-defined]
         return recon + self._output_offset()
 
-    def _to_layout(self, matrices: Float[Tensor, "b d_k d_v"], lead: tuple[int, ...], layout: Layout) -> Tensor:
+    def _to_layout(
+        self, matrices: Float[Tensor, "b d_k d_v"], lead: tuple[int, ...], layout: Layout
+    ) -> Tensor:
         if layout == "matrix":
             return matrices.reshape(*lead, self.cfg.d_k, self.cfg.d_v)
         return matrices.reshape(*lead, self.cfg.d_in)

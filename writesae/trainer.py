@@ -404,7 +404,8 @@ class WriteSAETrainer:
         if self.out_dir is None or not (self.out_dir / LOG_FILENAME).exists():
             return
         path = self.out_dir / LOG_FILENAME
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= self.step]
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)

@@ -16,7 +16,8 @@ The AuxK term (dead atoms regress the detached residual ``R = T - S_hat``) expan
 the cross-Gram between active and AuxK atoms. Gram algebra costs ``(K r)^2 (d_k + d_v)`` per sample and
 a dense sum ``K r d_k d_v``; ``factor_loss="auto"`` picks the cheaper per term (at ``d_k = d_v = 128``,
 ``k = 32``: Gram for the reconstruction, dense for AuxK with ``k_aux = 256``). The flat variant has dense
-atoms, so its reconstruction is always built.
+atoms, so its reconstruction is always built; dense encoders (flat, matrix) build the writes chunk-wise
+to score them (see ``factors.dense_scores_rank1``), so factor form saves them little.
 """
 
 from __future__ import annotations
@@ -112,12 +113,12 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
                 sq_norm = key.pow(2).sum(-1) * value.pow(2).sum(-1)
                 return self._finish(sq_err, aux_err, sq_norm, key.T @ value, code, pre)
             states = key[:, :, None] * value[:, None, :]
-        recon = self._decode_code(code) + c_out
+        recon = self._decode_sparse(code.indices, code.values) + c_out
         residual = states - recon
         sq_err = residual.pow(2).sum(dim=(1, 2))
         aux_err = None
         if aux_code is not None:
-            aux_recon = self._decode_code(SparseCode(code.dense, *aux_code))
+            aux_recon = self._decode_sparse(*aux_code)
             aux_err = (residual.detach() - aux_recon).pow(2).sum(dim=(1, 2))
         return self._finish(sq_err, aux_err, states.pow(2).sum(dim=(1, 2)), states.sum(0), code, pre)
 
@@ -157,16 +158,18 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         values, indices = torch.topk(masked, min(self.cfg.k_aux, n_dead), dim=-1, sorted=False)
         return indices, values.relu()
 
-    def _decode_code(self, code: SparseCode) -> Float[Tensor, "B d_k d_v"]:
-        """``sum_j a_j A_j`` (no bias) from a sparse code's index/value lists."""
+    def _decode_sparse(
+        self, indices: Int[Tensor, "B K"], values: Float[Tensor, "B K"]
+    ) -> Float[Tensor, "B d_k d_v"]:
+        """``sum_j a_j A_j`` (no bias) over the atoms ``indices`` with coefficients ``values``."""
         cfg = self.cfg
         if has_factor_decoder(cfg.variant):
-            key_g, value_g = F.gather_factors(code.indices, self.W_dec_key, self.W_dec_value)
-            return F.decode_gathered(code.values, key_g, value_g)
+            key_g, value_g = F.gather_factors(indices, self.W_dec_key, self.W_dec_value)
+            return F.decode_gathered(values, key_g, value_g)
         # Dense atoms: one matmul (gathering rows would build [B, K, d_in]).
         dense = torch.zeros(
-            code.values.shape[0], cfg.d_sae, dtype=code.values.dtype, device=code.values.device
-        ).scatter(-1, code.indices, code.values)
+            values.shape[0], cfg.d_sae, dtype=values.dtype, device=values.device
+        ).scatter(-1, indices, values)
         return (dense @ self.W_dec).reshape(-1, cfg.d_k, cfg.d_v)
 
     def _factor_errors(
@@ -198,7 +201,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             with torch.no_grad():
                 states = key[:, :, None] * value[:, None, :]
                 residual = states - (F.decode_gathered(a, key_g, value_g) + c_out)
-            aux_recon = self._decode_code(SparseCode(code.dense, aux_idx, e))
+            aux_recon = self._decode_sparse(aux_idx, e)
             return sq_err, (residual - aux_recon).pow(2).sum(dim=(1, 2))
         key_x, value_x = F.gather_factors(aux_idx, dec_key, dec_value)
         # <R, A_m> with R = T - S_hat held fixed (detached), as AuxK regresses a constant target.
@@ -245,8 +248,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         if aux_code is None:
             return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
         residual = (step_input.sae_in - sae_out).detach().reshape(-1, self.cfg.d_k, self.cfg.d_v)
-        dense = feature_acts.reshape(-1, self.cfg.d_sae)
-        aux_recon = self._decode_code(SparseCode(dense, *aux_code))
+        aux_recon = self._decode_sparse(*aux_code)
         aux = (residual - aux_recon).pow(2).sum(dim=(1, 2)).mean()
         return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * aux}
 
