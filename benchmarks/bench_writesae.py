@@ -13,15 +13,26 @@ Prints, at the paper's size by default (d_k = d_v = 128, d_sae = 2048, k = 32):
 3. Bytes on disk per token of the activation store: reported once the store exists.
 
 Usage: python benchmarks/bench_writesae.py [--steps 10] [--threads N] [--d-k 128 ...]
+
+OpenMP threads spin while they wait for each other (``OMP_WAIT_POLICY=ACTIVE`` behaviour); on a
+machine with more runnable threads than cores every parallel op then waits for a descheduled thread,
+which on the shared 2-core development box made a WriteSAE step 15x slower with 2 threads than with
+1. The script therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it; it applies to
+both sides alike, and the header prints it with the load average.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable
+import os
 
-import torch
+# Must be set before torch (and its OpenMP runtime) loads; see the module docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -130,8 +141,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"d_k={args.d_k} d_v={args.d_v} d_sae={args.d_sae} k={args.k}")  # fmt: skip
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {load}")  # fmt: skip
+    print(f"d_k={args.d_k} d_v={args.d_v} d_sae={args.d_sae} k={args.k}")
     bench_encode(args)
     bench_training(args)
     print("[3] bytes on disk per token of the store: n/a (the store is not built yet)")
