@@ -1,0 +1,482 @@
+"""Training loop for WriteSAE, with the paper's recipe (App. D, Table 8) as defaults.
+
+Why not SAELens' ``SAETrainer``: its data provider yields dense ``[B, d_in]`` tensors (writes in factor
+form, the cheap input, cannot pass through); it has no dead-atom resampling, no decoder
+re-normalisation and no validation/best checkpoint; it always clips gradients at norm 1 (the paper does
+not clip); and its checkpoints pickle the optimizer (``torch.save``), where ours are safetensors + JSON.
+What we keep from SAELens: the SAE classes themselves (``WriteTrainingSAE`` is a ``TrainingSAE`` whose
+``training_forward_pass`` also runs under ``SAETrainer`` on dense batches), its file format, and its
+dead-latent AuxK scheme.
+
+Recipe (defaults): Adam (0.9, 0.999), lr 3e-4 with a linear warm-up of 50 steps then cosine decay to
+3e-5 at the last step; batch 256; 20 epochs or a sample budget; AuxK on atoms silent for 100 steps
+(``k_aux`` and its weight live on the SAE config); every 250 steps resample atoms silent for 100 steps;
+every 100 steps re-normalise decoder factors. Validation (MSE, normalised MSE, explained variance, L0,
+fraction of atoms never active on the validation set) after every epoch, or every ``val_every`` steps;
+the best SAE by validation MSE is kept.
+
+Files in ``out_dir``: ``train_log.jsonl`` (one JSON object per logged step or validation),
+``checkpoint/`` (resumable: the SAE's ``cfg.json`` + ``sae_weights.safetensors``, plus
+``trainer_state.safetensors`` with Adam moments, dead counters and the trainer's RNG, and
+``trainer_state.json``), ``best/`` and ``final/`` (inference SAEs, loadable with
+``sae_lens.SAE.load_from_disk``). Every directory is written atomically.
+
+Determinism: the trainer draws random numbers only from its own generator (seeded by ``seed``, saved in
+checkpoints), never from torch's global one, and the data order is a function of the epoch (see
+``writesae.data``). Resuming from a checkpoint therefore reproduces the uninterrupted run's weights
+exactly on CPU with the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from writesae.data import Batch, WriteSource, as_source
+from writesae.io import (
+    CheckpointError,
+    check_sae_dir,
+    check_state_dict,
+    load_tensors,
+    save_sae_files,
+    write_atomic_dir,
+    write_sae_files,
+)
+from writesae.resample import resample_dead_atoms
+from writesae.training_sae import LossOutput, WriteTrainingSAE
+
+TRAINER_STATE_JSON = "trainer_state.json"
+TRAINER_STATE_TENSORS = "trainer_state.safetensors"
+LOG_FILENAME = "train_log.jsonl"
+# Trainer fields that fix the data order and the random draws; a resume must keep them.
+_RESUME_INVARIANTS = ("batch_size", "seed")
+
+
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters of ``WriteSAETrainer`` (defaults: the paper's main text / Table 8).
+
+    Attributes:
+        batch_size: Samples per step.
+        epochs: Passes over the training source (needs ``source.num_samples``).
+        max_samples: Sample budget; when set it replaces ``epochs``.
+        seed: Seeds the trainer's generator (resampling draws). Data order is the source's.
+        lr: Peak learning rate.
+        lr_min: Learning rate at the last step (cosine floor).
+        warmup_steps: Linear warm-up steps.
+        adam_betas: Adam betas.
+        adam_eps: Adam epsilon.
+        grad_clip: Max gradient norm, or ``None`` (paper: no clipping).
+        dead_steps: An atom is dead after this many consecutive steps without firing.
+        resample_every: Resample dead atoms every this many steps (``None``: never).
+        resample_from: ``"input"`` (reference code) or ``"residual"``; see ``writesae.resample``.
+        resample_encoder_scale: Encoder scale of resampled atoms relative to alive ones.
+        renorm_every: Re-normalise decoder factors every this many steps (1: every step; ``None``: never).
+        val_every: Validate every this many steps; ``None``: after every epoch (and at the end).
+        val_batch_size: Validation batch size (default: ``batch_size``).
+        checkpoint_every: Save ``checkpoint/`` every this many steps; ``None``: at every validation.
+        out_dir: Where files go; ``None`` keeps everything in memory.
+        log_every: Write a train-log line every this many steps.
+        progress: Show a tqdm progress bar.
+        estimate_input_mean: For ``input_mean="fixed"`` SAEs, set ``input_mean`` to the training
+            mean before the first step (paper §2.1's ``M``).
+        mean_samples: Samples used for that estimate (``None``: one full pass).
+    """
+
+    batch_size: int = 256
+    epochs: int | None = 20
+    max_samples: int | None = None
+    seed: int = 42
+    lr: float = 3e-4
+    lr_min: float = 3e-5
+    warmup_steps: int = 50
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = None
+    dead_steps: int = 100
+    resample_every: int | None = 250
+    resample_from: Literal["input", "residual"] = "input"
+    resample_encoder_scale: float = 0.2
+    renorm_every: int | None = 100
+    val_every: int | None = None
+    val_batch_size: int | None = None
+    checkpoint_every: int | None = None
+    out_dir: str | Path | None = None
+    log_every: int = 1
+    progress: bool = True
+    estimate_input_mean: bool = True
+    mean_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "epochs", "max_samples", "dead_steps", "resample_every",
+                    "renorm_every", "val_every", "val_batch_size", "checkpoint_every", "log_every",
+                    "mean_samples")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainerConfig.{name} must be >= 1 or None (got {value}).")
+        if self.resample_from not in ("input", "residual"):
+            raise ValueError(
+                f"TrainerConfig.resample_from must be 'input' or 'residual' (got {self.resample_from!r})."
+            )
+        if not 0 < self.lr_min <= self.lr:
+            raise ValueError(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min}).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainerConfig.warmup_steps must be >= 0 (got {self.warmup_steps}).")
+
+
+def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr_min`` at the last step."""
+    if step < cfg.warmup_steps:  # warmup_steps == 0 skips warm-up
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+class _Totals:
+    """Running sums for metrics over many batches."""
+
+    def __init__(self, sae: WriteTrainingSAE):
+        cfg = sae.cfg
+        self.d_in = cfg.d_in
+        self.n = 0
+        self.sq_err = 0.0
+        self.sq_norm = 0.0
+        self.l0 = 0.0
+        self.input_sum = torch.zeros(cfg.d_k, cfg.d_v, dtype=torch.float64)
+        self.fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+
+    def add(self, out: LossOutput) -> None:
+        active = out.code.dense != 0
+        self.n += active.shape[0]
+        self.sq_err += float(out.sq_err.double().sum())
+        self.sq_norm += float(out.sq_norm.double().sum())
+        self.l0 += float(active.sum())
+        self.input_sum += out.input_sum.double().cpu()
+        self.fired |= active.any(0).cpu()
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        centred = self.sq_norm - float(self.input_sum.pow(2).sum()) / n
+        return {
+            "mse": self.sq_err / (n * self.d_in),
+            "nmse": self.sq_err / max(self.sq_norm, 1e-30),
+            "explained_variance": 1.0 - self.sq_err / max(centred, 1e-30),
+            "l0": self.l0 / n,
+        }
+
+
+class WriteSAETrainer:
+    """Train a ``WriteTrainingSAE`` on a ``WriteSource`` (dense states or factor-form writes).
+
+    Args:
+        sae: The SAE to train (initialise it yourself, e.g. under ``torch.manual_seed``).
+        train: Training data (anything ``writesae.data.as_source`` accepts).
+        cfg: Hyper-parameters.
+        val: Validation data, or ``None`` (no validation, no best checkpoint).
+    """
+
+    def __init__(
+        self,
+        sae: WriteTrainingSAE,
+        train: WriteSource | Any,
+        cfg: TrainerConfig | None = None,
+        val: WriteSource | Any | None = None,
+    ):
+        self.sae = sae
+        self.cfg = cfg or TrainerConfig()
+        self.train_source = as_source(train)
+        self.val_source = as_source(val) if val is not None else None
+        self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
+        self._param_names = [name for name, _ in sae.named_parameters()]
+        self.optimizer = torch.optim.Adam(
+            [p for _, p in sae.named_parameters()],
+            lr=self.cfg.lr,
+            betas=self.cfg.adam_betas,
+            eps=self.cfg.adam_eps,
+        )
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.steps_since_active = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples_seen = 0
+        self.best_val_mse = math.inf
+        self.best_state_dict: dict[str, torch.Tensor] | None = None
+        self.last_val: dict[str, float] | None = None
+        self.total_steps = self._total_steps()
+
+    # ------------------------------------------------------------------ schedule
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_samples is not None:
+            return math.ceil(cfg.max_samples / cfg.batch_size)
+        n = self.train_source.num_samples
+        if cfg.epochs is None or n is None:
+            raise ValueError(
+                "cannot tell how long to train: set TrainerConfig.max_samples, or TrainerConfig.epochs "
+                "with a source whose num_samples is known."
+            )
+        return cfg.epochs * math.ceil(n / cfg.batch_size)
+
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        """Atoms silent for at least ``dead_steps`` steps."""
+        return self.steps_since_active >= self.cfg.dead_steps
+
+    # ------------------------------------------------------------------ one step
+
+    def _to_device(self, batch: Batch) -> Batch:
+        dev, dt = self.sae.device, self.sae.dtype
+        if isinstance(batch, tuple):
+            return batch[0].to(dev, dt), batch[1].to(dev, dt)
+        return batch.to(dev, dt)
+
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        """One optimisation step (plus dead tracking, re-normalisation and resampling when due)."""
+        cfg, sae = self.cfg, self.sae
+        sae.train()
+        batch = self._to_device(batch)
+        lr = learning_rate(self.step, self.total_steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = sae.compute_loss(batch, self.dead_mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+
+        with torch.no_grad():
+            fired = (out.code.dense != 0).any(0)
+            self.steps_since_active += 1
+            self.steps_since_active[fired] = 0
+            if sae.cfg.sparsity == "batchtopk":
+                sae.update_topk_threshold(out.code.dense)
+        self.step += 1
+        self.samples_seen += out.sq_err.shape[0]
+        if cfg.renorm_every and self.step % cfg.renorm_every == 0:
+            sae.normalize_decoder()
+        n_resampled = 0
+        if cfg.resample_every and self.step % cfg.resample_every == 0:
+            dead = self.dead_mask
+            n_resampled = resample_dead_atoms(
+                sae, self.optimizer, dead, batch, out.sq_err, self.generator,
+                cfg.resample_from, cfg.resample_encoder_scale,
+            )  # fmt: skip
+            self.steps_since_active[dead] = 0
+
+        totals = _Totals(sae)
+        totals.add(out)
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "samples": self.samples_seen,
+            "lr": lr,
+            "loss": float(out.loss.detach()),
+            "aux": float(out.aux.detach()),
+            **totals.metrics(),
+            "dead_fraction": float(self.dead_mask.float().mean()),
+            "resampled": n_resampled,
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Metrics over the whole validation source (BatchTopK uses its inference rule)."""
+        if self.val_source is None:
+            raise ValueError("no validation source: pass val= to WriteSAETrainer.")
+        self.sae.eval()
+        totals = _Totals(self.sae)
+        size = self.cfg.val_batch_size or self.cfg.batch_size
+        for batch in self.val_source.batches(0, size):
+            totals.add(self.sae.compute_loss(self._to_device(batch)))
+        self.sae.train()
+        metrics = {f"val_{k}": v for k, v in totals.metrics().items()}
+        metrics["val_dead_fraction"] = 1.0 - float(totals.fired.float().mean())
+        self.last_val = metrics
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, resume_from: str | Path | None = None) -> WriteTrainingSAE:
+        """Train to the end of the schedule; returns the SAE (final weights).
+
+        Args:
+            resume_from: A ``checkpoint/`` directory written by this trainer; training continues
+                where it stopped and ends with the weights an uninterrupted run would have.
+        """
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif self.sae.cfg.input_mean == "fixed" and self.cfg.estimate_input_mean:
+            self._estimate_input_mean()
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE")
+        while self.step < self.total_steps:
+            n_batches = 0
+            for batch in self.train_source.batches(self.epoch, cfg.batch_size, self.batch_in_epoch):
+                n_batches += 1
+                metrics = self.train_step(batch)
+                self.batch_in_epoch += 1
+                if self.step % cfg.log_every == 0:
+                    self._log({"type": "train", **metrics})
+                bar.update(1)
+                bar.set_postfix(mse=f"{metrics['mse']:.3g}", l0=f"{metrics['l0']:.1f}",
+                                dead=f"{metrics['dead_fraction']:.2f}")  # fmt: skip
+                if self.step >= self.total_steps:
+                    break
+                self._periodic()
+            else:
+                if n_batches == 0 and self.batch_in_epoch == 0:
+                    raise RuntimeError(
+                        f"the training source yielded no batches in epoch {self.epoch}; is it empty?"
+                    )
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if cfg.val_every is None and self.step < self.total_steps:
+                    self._validate_and_save()
+                continue
+            break
+        bar.close()
+        self._validate_and_save()
+        if self.out_dir is not None:
+            self.sae.save_inference_model(self.out_dir / "final")
+        return self.sae
+
+    def _periodic(self) -> None:
+        cfg = self.cfg
+        if cfg.val_every and self.step % cfg.val_every == 0:
+            self._validate_and_save()
+        elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.out_dir:
+            self.save_checkpoint(self.out_dir / "checkpoint")
+
+    def _validate_and_save(self) -> None:
+        if self.val_source is not None:
+            metrics = self.validate()
+            self._log({"type": "val", "step": self.step, "epoch": self.epoch, **metrics})
+            if metrics["val_mse"] < self.best_val_mse:
+                self.best_val_mse = metrics["val_mse"]
+                self.best_state_dict = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+                if self.out_dir is not None:
+                    cfg_dict = self.sae.cfg.get_inference_sae_cfg_dict()
+                    cfg_dict["metadata"] = {**cfg_dict["metadata"], **metrics, "step": self.step}
+                    save_sae_files(self.out_dir / "best", self.best_state_dict, cfg_dict)
+        if self.out_dir is not None and (self.cfg.checkpoint_every is None or self.step >= self.total_steps):
+            self.save_checkpoint(self.out_dir / "checkpoint")
+
+    def _estimate_input_mean(self) -> None:
+        d_k, d_v = self.sae.cfg.d_k, self.sae.cfg.d_v
+        total, n = torch.zeros(d_k, d_v, dtype=torch.float64), 0
+        for batch in self.train_source.batches(0, self.cfg.batch_size):
+            if isinstance(batch, tuple):
+                total += (batch[0].double().T @ batch[1].double()).cpu()
+                n += batch[0].shape[0]
+            else:
+                total += batch.double().reshape(-1, d_k, d_v).sum(0).cpu()
+                n += batch.shape[0]
+            if self.cfg.mean_samples is not None and n >= self.cfg.mean_samples:
+                break
+        with torch.no_grad():
+            self.sae.input_mean.copy_(total / max(n, 1))
+
+    # ------------------------------------------------------------------ log
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / LOG_FILENAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the resumed step (the interrupted run wrote them; they will be redone)."""
+        if self.out_dir is None or not (self.out_dir / LOG_FILENAME).exists():
+            return
+        path = self.out_dir / LOG_FILENAME
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= self.step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Atomically write a resumable checkpoint (safetensors + JSON, no pickles)."""
+        tensors: dict[str, torch.Tensor] = {
+            "trainer.steps_since_active": self.steps_since_active.cpu(),
+            "trainer.generator": self.generator.get_state(),
+        }
+        for name, param in zip(self._param_names, self.optimizer.param_groups[0]["params"]):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+        state = {
+            "format": 1,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen,
+            "best_val_mse": self.best_val_mse if math.isfinite(self.best_val_mse) else None,
+            "total_steps": self.total_steps,
+            "trainer_config": asdict(self.cfg),
+            "sae_config": self.sae.cfg.to_dict(),
+        }
+
+        def write(d: Path) -> None:
+            write_sae_files(d, self.sae.state_dict(), self.sae.cfg.get_inference_sae_cfg_dict())
+            save_file(tensors, d / TRAINER_STATE_TENSORS)
+            (d / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str))
+
+        return write_atomic_dir(path, write)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore SAE weights, Adam state, counters, RNG and data position from ``path``."""
+        path = Path(path)
+        check_sae_dir(path)
+        state_path = path / TRAINER_STATE_JSON
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            raise CheckpointError(
+                f"{state_path}: missing or not valid JSON; {path} is not a resumable checkpoint "
+                "(resume from OUT_DIR/checkpoint, not best/ or final/)."
+            ) from None
+        for field in _RESUME_INVARIANTS:
+            saved = state["trainer_config"][field]
+            if saved != getattr(self.cfg, field):
+                raise CheckpointError(
+                    f"{state_path}: the checkpoint was trained with {field}={saved}, this trainer has "
+                    f"{getattr(self.cfg, field)}; resume with the same {field}."
+                )
+        weights = load_tensors(path / "sae_weights.safetensors", device=str(self.sae.device))
+        check_state_dict(weights, self.sae.expected_shapes())
+        self.sae.load_state_dict(weights)
+        tensors = load_tensors(path / TRAINER_STATE_TENSORS)
+        opt_state = self.optimizer.state_dict()
+        opt_state["state"] = {}
+        for index, name in enumerate(self._param_names):
+            prefix = f"optimizer.{name}."
+            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entry:
+                opt_state["state"][index] = entry
+        self.optimizer.load_state_dict(opt_state)
+        self.steps_since_active = tensors["trainer.steps_since_active"].to(self.sae.device)
+        self.generator.set_state(tensors["trainer.generator"])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.samples_seen = state["samples_seen"]
+        best = state["best_val_mse"]
+        self.best_val_mse = math.inf if best is None else best
+        self._truncate_log()

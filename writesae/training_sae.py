@@ -1,0 +1,296 @@
+"""Trainable WriteSAE: reconstruction + AuxK losses on dense states or on rank-1 writes in factor form.
+
+Losses are in the paper's units: MSE is the mean over samples *and* the ``d_k * d_v`` entries, and the
+total is ``mse + aux_loss_coefficient * aux``. (SAELens' ``training_forward_pass``, kept for its
+``SAETrainer``, reports the same losses summed over entries, SAELens' convention.)
+
+Factor-form batches ``(key [B, d_k], value [B, d_v])`` stand for the writes ``T_b = k_b u_b^T``. With
+``S_hat = sum_j a_j A_j + c`` (``c = b_dec (+ input_mean)``), the squared error is expanded so that no
+``d_k x d_v`` matrix per sample is built::
+
+    ||T - S_hat||^2 = ||k||^2 ||u||^2 - 2 (sum_j a_j <T, A_j> + k^T c u)
+                      + a^T G a + 2 sum_j a_j <A_j, c> + ||c||^2
+
+with ``<T, A_j> = sum_r (v_jr . k)(w_jr . u)`` and ``G`` the Gram matrix of the sample's active atoms.
+The AuxK term (dead atoms regress the detached residual ``R = T - S_hat``) expands the same way, using
+the cross-Gram between active and AuxK atoms. Gram algebra costs ``(K r)^2 (d_k + d_v)`` per sample and
+a dense sum ``K r d_k d_v``; ``factor_loss="auto"`` picks the cheaper per term (at ``d_k = d_v = 128``,
+``k = 32``: Gram for the reconstruction, dense for AuxK with ``k_aux = 256``). The flat variant has dense
+atoms, so its reconstruction is always built; dense encoders (flat, matrix) build the writes chunk-wise
+to score them (see ``factors.dense_scores_rank1``), so factor form saves them little.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from torch import Tensor
+from typing_extensions import override
+
+from writesae import factors as F
+from writesae.activations import SparseCode
+from writesae.config import WriteTrainingSAEConfig, has_factor_decoder
+from writesae.sae import FactorPair, WriteSAEMixin, seeded
+
+Batch = Tensor | tuple[Tensor, Tensor]
+FactorLoss = Literal["auto", "gram", "dense"]
+
+
+class LossOutput(NamedTuple):
+    """What one loss evaluation returns.
+
+    Attributes:
+        loss: ``mse + aux_loss_coefficient * aux`` (differentiable).
+        mse: Mean squared error per entry.
+        aux: AuxK loss per entry (zero when no atom is dead).
+        sq_err: ``[B]`` squared error per sample (detached).
+        sq_norm: ``[B]`` squared norm of each input (detached).
+        input_sum: ``[d_k, d_v]`` sum of the inputs over the batch (detached), for explained variance.
+        code: The batch's sparse code (``dense [B, d_sae]``).
+        pre: ``[B, d_sae]`` pre-activations.
+    """
+
+    loss: Float[Tensor, ""]
+    mse: Float[Tensor, ""]
+    aux: Float[Tensor, ""]
+    sq_err: Float[Tensor, " B"]
+    sq_norm: Float[Tensor, " B"]
+    input_sum: Float[Tensor, "d_k d_v"]
+    code: SparseCode
+    pre: Float[Tensor, "B d_sae"]
+
+
+class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
+    """Trainable WriteSAE; saves as an inference ``"write_sae"``.
+
+    In training mode a BatchTopK SAE selects codes batch-wide; in ``eval()`` mode it uses
+    ``cfg.batchtopk_inference``, like the inference class.
+
+    Attributes:
+        factor_loss: ``"auto"`` (cheaper of Gram and dense per loss term), ``"gram"`` or ``"dense"``.
+    """
+
+    factor_loss: FactorLoss = "auto"
+
+    def __init__(
+        self, cfg: WriteTrainingSAEConfig, use_error_term: bool = False, seed: int | None = None
+    ):
+        """Build the SAE; ``seed`` makes the random init reproducible without touching torch's global RNG."""
+        with seeded(seed):
+            super().__init__(cfg, use_error_term)
+
+    @override
+    def _batchtopk_rule(self) -> str:
+        return "batch" if self.training else self.cfg.batchtopk_inference
+
+    # ------------------------------------------------------------------ losses
+
+    def compute_loss(
+        self, batch: Batch, dead_mask: Bool[Tensor, " d_sae"] | None = None
+    ) -> LossOutput:
+        """Reconstruction (+ AuxK) loss of a batch of dense states or factor-form writes.
+
+        The encode hooks fire; ``hook_sae_recons``/``hook_sae_output`` do not, since a factor-form
+        batch never has a dense reconstruction.
+
+        Args:
+            batch: ``[B, d_k, d_v]`` or ``[B, d_in]`` states, or ``(key [B, d_k], value [B, d_v])``.
+            dead_mask: Atoms currently counted as dead; ``None`` or all-false skips AuxK.
+        """
+        pre, code, _, _, states, pair = self.encode_full(batch)
+        c_out = self._output_offset()
+        aux_code = self._aux_code(pre, dead_mask)
+        if states is None:
+            assert pair is not None
+            key, value = pair
+            gram_main = self._use_gram(code.indices.shape[-1])
+            if has_factor_decoder(self.cfg.variant) and gram_main:
+                sq_err, aux_err = self._factor_errors(key, value, code, c_out, aux_code)
+                sq_norm = key.pow(2).sum(-1) * value.pow(2).sum(-1)
+                return self._finish(sq_err, aux_err, sq_norm, key.T @ value, code, pre)
+            states = key[:, :, None] * value[:, None, :]
+        recon = self._decode_sparse(code.indices, code.values) + c_out
+        residual = states - recon
+        sq_err = residual.pow(2).sum(dim=(1, 2))
+        aux_err = None
+        if aux_code is not None:
+            aux_recon = self._decode_sparse(*aux_code)
+            aux_err = (residual.detach() - aux_recon).pow(2).sum(dim=(1, 2))
+        return self._finish(sq_err, aux_err, states.pow(2).sum(dim=(1, 2)), states.sum(0), code, pre)
+
+    def _finish(
+        self,
+        sq_err: Tensor,
+        aux_err: Tensor | None,
+        sq_norm: Tensor,
+        input_sum: Tensor,
+        code: SparseCode,
+        pre: Tensor,
+    ) -> LossOutput:
+        d_in = self.cfg.d_in
+        mse = sq_err.mean() / d_in
+        aux = aux_err.mean() / d_in if aux_err is not None else mse.new_zeros(())
+        loss = mse + self.cfg.aux_loss_coefficient * aux
+        return LossOutput(
+            loss, mse, aux, sq_err.detach(), sq_norm.detach(), input_sum.detach(), code, pre
+        )
+
+    def _use_gram(self, n_atoms: int) -> bool:
+        if self.factor_loss != "auto":
+            return self.factor_loss == "gram"
+        cfg = self.cfg
+        return F.gram_is_cheaper(n_atoms, cfg.rank, cfg.d_k, cfg.d_v)
+
+    def _aux_code(
+        self, pre: Float[Tensor, "B d_sae"], dead_mask: Bool[Tensor, " d_sae"] | None
+    ) -> tuple[Int[Tensor, "B Ka"], Float[Tensor, "B Ka"]] | None:
+        """AuxK code: the top ``k_aux`` pre-activations among dead atoms, ReLU'd (paper / Gao et al.)."""
+        if dead_mask is None or self.cfg.k_aux == 0:
+            return None
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return None
+        masked = pre.masked_fill(~dead_mask, float("-inf"))
+        values, indices = torch.topk(masked, min(self.cfg.k_aux, n_dead), dim=-1, sorted=False)
+        return indices, values.relu()
+
+    def _decode_sparse(
+        self, indices: Int[Tensor, "B K"], values: Float[Tensor, "B K"]
+    ) -> Float[Tensor, "B d_k d_v"]:
+        """``sum_j a_j A_j`` (no bias) over the atoms ``indices`` with coefficients ``values``."""
+        cfg = self.cfg
+        if has_factor_decoder(cfg.variant):
+            key_g, value_g = F.gather_factors(indices, self.W_dec_key, self.W_dec_value)
+            return F.decode_gathered(values, key_g, value_g)
+        # Dense atoms: one matmul (gathering rows would build [B, K, d_in]).
+        dense = torch.zeros(
+            values.shape[0], cfg.d_sae, dtype=values.dtype, device=values.device
+        ).scatter(-1, indices, values)
+        return (dense @ self.W_dec).reshape(-1, cfg.d_k, cfg.d_v)
+
+    def _factor_errors(
+        self,
+        key: Float[Tensor, "B d_k"],
+        value: Float[Tensor, "B d_v"],
+        code: SparseCode,
+        c_out: Float[Tensor, "d_k d_v"],
+        aux_code: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Float[Tensor, " B"], Float[Tensor, " B"] | None]:
+        """Squared reconstruction and AuxK errors of rank-1 targets, from factors (module docstring)."""
+        dec_key, dec_value = self.W_dec_key, self.W_dec_value
+        a = code.values
+        key_g, value_g = F.gather_factors(code.indices, dec_key, dec_value)
+        t_a = F.rank1_inner(key, value, key_g, value_g)  # <T, A_j>
+        offset_inner = F.atom_offset_inner(dec_key, dec_value, c_out)  # <A_i, c> for all atoms
+        h_a = offset_inner[code.indices]
+        t_c = torch.einsum("bk,kv,bv->b", key, c_out, value)  # <T, c>
+        t_t = key.pow(2).sum(-1) * value.pow(2).sum(-1)
+        recon_sq = F.quadratic_form(a, F.cross_gram(key_g, value_g, key_g, value_g), a)
+        sq_err = (
+            t_t - 2 * ((a * t_a).sum(-1) + t_c) + recon_sq + 2 * (a * h_a).sum(-1) + c_out.pow(2).sum()
+        )
+        if aux_code is None:
+            return sq_err, None
+        aux_idx, e = aux_code
+        if not self._use_gram(aux_idx.shape[-1]):
+            # Cheaper to build the residual and the AuxK sum as matrices (see module docstring).
+            with torch.no_grad():
+                states = key[:, :, None] * value[:, None, :]
+                residual = states - (F.decode_gathered(a, key_g, value_g) + c_out)
+            aux_recon = self._decode_sparse(aux_idx, e)
+            return sq_err, (residual - aux_recon).pow(2).sum(dim=(1, 2))
+        key_x, value_x = F.gather_factors(aux_idx, dec_key, dec_value)
+        # <R, A_m> with R = T - S_hat held fixed (detached), as AuxK regresses a constant target.
+        cross = F.cross_gram(key_g.detach(), value_g.detach(), key_x, value_x)
+        r_m = (
+            F.rank1_inner(key, value, key_x, value_x)
+            - torch.einsum("bj,bjm->bm", a.detach(), cross)
+            - F.atom_offset_inner(dec_key, dec_value, c_out.detach())[aux_idx]
+        )
+        aux_sq = F.quadratic_form(e, F.cross_gram(key_x, value_x, key_x, value_x), e)
+        return sq_err, sq_err.detach() - 2 * (e * r_m).sum(-1) + aux_sq
+
+    @torch.no_grad()
+    def update_topk_threshold(self, code: Float[Tensor, "B d_sae"], lr: float = 0.01) -> None:
+        """Track BatchTopK's inference threshold: EMA of the smallest positive code (SAELens' rule)."""
+        positive = code[code > 0]
+        if self.cfg.sparsity == "batchtopk" and positive.numel():
+            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min())
+
+    # ------------------------------------------------------------------ SAELens training API
+
+    @override
+    def encode_with_hidden_pre(
+        self, x: Float[Tensor, "..."] | FactorPair
+    ) -> tuple[Float[Tensor, "... d_sae"], Float[Tensor, "... d_sae"]]:
+        pre, code, lead, _, _, _ = self.encode_full(x)
+        n = self.cfg.d_sae
+        return code.dense.reshape(*lead, n), pre.reshape(*lead, n)
+
+    @override
+    def get_coefficients(self) -> dict[str, float]:
+        return {}
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        sae_out: Tensor,
+    ) -> dict[str, Tensor]:
+        """AuxK loss in SAELens' units (summed over entries, averaged over the batch)."""
+        aux_code = self._aux_code(hidden_pre.reshape(-1, self.cfg.d_sae), step_input.dead_neuron_mask)
+        if aux_code is None:
+            return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
+        residual = (step_input.sae_in - sae_out).detach().reshape(-1, self.cfg.d_k, self.cfg.d_v)
+        aux_recon = self._decode_sparse(*aux_code)
+        aux = (residual - aux_recon).pow(2).sum(dim=(1, 2)).mean()
+        return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * aux}
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One step for SAELens' ``SAETrainer`` on dense ``[B, d_in]`` batches."""
+        out = self.compute_loss(step_input.sae_in, step_input.dead_neuron_mask)
+        d_in = self.cfg.d_in
+        if self.cfg.sparsity == "batchtopk":
+            self.update_topk_threshold(out.code.dense)
+        losses = {
+            "mse_loss": out.mse * d_in,
+            "auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * out.aux * d_in,
+        }
+        with torch.no_grad():
+            sae_out = self._decode_matrix(out.code.dense).reshape(step_input.sae_in.shape)
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=out.code.dense,
+            hidden_pre=out.pre,
+            loss=out.loss * d_in,
+            losses=losses,
+        )
+
+    @override
+    @torch.no_grad()
+    def log_histograms(self) -> dict[str, Any]:
+        return {"weights/W_dec_norms": self.get_W_dec_norm().float().cpu().numpy()}
+
+    # ------------------------------------------------------------------ files
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Atomically write this SAE with its training config (loads as an inference WriteSAE)."""
+        from writesae.io import save_sae_files
+
+        return save_sae_files(path, self.state_dict(), self.cfg.to_dict())
+
+    @override
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Atomically write the inference files (``cfg.json`` of architecture ``"write_sae"``)."""
+        from writesae.io import save_sae_files
+
+        return save_sae_files(path, self.state_dict(), self.cfg.get_inference_sae_cfg_dict())
