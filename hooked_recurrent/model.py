@@ -11,6 +11,7 @@ states are only materialised when a hook or a cache asks for them.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint as TLHookPoint
 
 from .architectures import architecture_of
 from .blocks import FinalNormHooks, RunContext, StopForward
@@ -28,13 +30,15 @@ from .components import OutputHook
 from .config import HookedRecurrentConfig
 from .hook_points import HookPoint, observer
 from .loading import load_hf_model, text_model_of
+from .splicing import SpliceMixin
 
 __all__ = ["HookedRecurrentModel"]
 
 NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
+_PER_HEAD_VIEW = re.compile(r"\.heads\.\d+\.hook_(write|state)$")
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(SpliceMixin, HookedRootModule):
     """A hooked Qwen3.5 (Gated DeltaNet + attention) or Mamba-2 language model.
 
     Hooks are added and removed exactly as in TransformerLens (``run_with_hooks``,
@@ -348,7 +352,7 @@ class HookedRecurrentModel(HookedRootModule):
 
     # ------------------------------------------------------------------ hooks
 
-    def _hook_point(self, name: str) -> HookPoint:
+    def _hook_point(self, name: str) -> TLHookPoint:
         """The hook point of a name, or an error listing the closest valid names."""
         hook_point = self.hook_dict.get(name)
         if hook_point is None:
@@ -373,7 +377,7 @@ class HookedRecurrentModel(HookedRootModule):
     def _names_filter(self, names_filter: NamesFilter) -> Callable[[str], bool]:
         if names_filter is None:
             # Per-head views duplicate the all-head hook points; cache them only when named.
-            return lambda name: ".heads." not in name
+            return lambda name: _PER_HEAD_VIEW.search(name) is None
         if isinstance(names_filter, str):
             names_filter = [names_filter]
         if isinstance(names_filter, (list, tuple, set)):
@@ -400,7 +404,7 @@ class HookedRecurrentModel(HookedRootModule):
         self.is_caching = True
 
         @observer
-        def save(tensor: Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+        def save(tensor: Tensor, hook: TLHookPoint, is_backward: bool = False) -> None:
             value = tensor.detach().to(device) if device is not None else tensor.detach()
             if remove_batch_dim:
                 value = value[0]
