@@ -125,6 +125,34 @@ def bench_training(args: argparse.Namespace) -> None:
         print(f"      ratio                        : {t_theirs / t_ours:10.1f}x  (target >= 3x)")
 
 
+def bench_store(args: argparse.Namespace) -> None:
+    """Bytes on disk per captured token and head: writes as factor pairs vs states."""
+    import tempfile
+
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from hooked_recurrent import HookedRecurrentModel
+    from writesae.store import collect
+
+    torch.manual_seed(args.seed)
+    config = Qwen3_5TextConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=1, layer_types=["linear_attention"],
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=args.d_k, linear_value_head_dim=args.d_v,
+    )
+    model = HookedRecurrentModel(Qwen3_5ForCausalLM(config).eval())
+    tokens = torch.randint(0, 1024, (8, 128))
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("write", "state"):
+            store = collect(model, tokens, layers=[0], heads=[0], kind=kind, out_dir=f"{tmp}/{kind}", verbose=False)
+            sizes[kind] = store.bytes_per_sample(0, 0)
+    print(f"[3] bytes on disk per token and head (float32, shards incl. sequence/position indices):")
+    print(f"    writes (factor pairs) : {sizes['write']:10.0f} B")
+    print(f"    states                : {sizes['state']:10.0f} B")
+    print(f"    ratio                 : {sizes['state'] / sizes['write']:10.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-k", type=int, default=128)
@@ -147,7 +175,7 @@ def main() -> None:
     print(f"d_k={args.d_k} d_v={args.d_v} d_sae={args.d_sae} k={args.k}")
     bench_encode(args)
     bench_training(args)
-    print("[3] bytes on disk per token of the store: n/a (the store is not built yet)")
+    bench_store(args)
 
 
 if __name__ == "__main__":

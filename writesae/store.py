@@ -219,6 +219,9 @@ def collect(
             "n_heads": cfg.n_heads,
         },
         "hook": "hook_state" if kind == "state" else "hook_write",
+        "hook_names": {
+            str(layer): cfg.hook_name(layer, "hook_state" if kind == "state" else "hook_write") for layer in layers
+        },
         "layers": list(layers),
         "heads": heads,
         "dtype": str(dtype).removeprefix("torch."),
@@ -313,6 +316,14 @@ class WriteStore:
     @property
     def kind(self) -> Kind:
         return self.manifest["kind"]
+
+    def hook_name(self, layer: int) -> str:
+        """The model hook point the samples of a layer came from (``...hook_state`` / ``...hook_write``)."""
+        return self.manifest["hook_names"][str(layer)]
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]["name"]
 
     def _shards(self, layer: int, head: int, split: str) -> list[Path]:
         cell = _cell(layer, head)
