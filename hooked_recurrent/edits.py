@@ -72,7 +72,7 @@ def set_writes(replacements: dict[tuple[int, int], Float[Tensor, "d_k d_v"]]) ->
         start = hook.start_position
         for (position, head), matrix in replacements.items():
             if 0 <= position - start < writes.shape[1]:
-                writes[:, position - start, head] = matrix.to(writes.dtype)
+                writes[:, position - start, head] = matrix.to(writes)
         return writes
 
     return hook
@@ -83,7 +83,7 @@ def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequenc
 
     def hook(states: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
         for _, i in positions_in_call([position], hook, states.shape[1]):
-            states[_slots(states, i, heads)] += delta.to(states.dtype)
+            states[_slots(states, i, heads)] += delta.to(states)
         return states
 
     return hook

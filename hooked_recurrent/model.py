@@ -138,6 +138,22 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         self.cfg.device, self.cfg.dtype = str(param.device), param.dtype
         return out
 
+    # ------------------------------------------------------------------ weights
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding (TransformerLens orientation: residual direction -> logits)."""
+        return self.hf_model.get_output_embeddings().weight.T
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding."""
+        return self.hf_model.get_input_embeddings().weight
+
+    def mixer(self, layer: int) -> nn.Module:
+        """The hook container of a layer's mixer (``blocks[layer].linear_attn / .attn / .mixer``)."""
+        return getattr(self.blocks[layer], self.cfg.mixer_name(layer))
+
     # ------------------------------------------------------------------ tokens
 
     def _require_tokenizer(self, what: str) -> Any:

@@ -90,6 +90,16 @@ class MatrixRecurrentMixer(nn.Module):
         self.hook_recurrence_out = HookPoint("batch pos head d_v")
         self.heads = nn.ModuleList(HeadHooks() for _ in range(n_heads))
 
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """The columns of the layer's output projection that read head ``head``'s value dimensions.
+
+        (The gated norm between the read and this projection is not included.)
+        """
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} is out of range: this layer has {self.n_heads} heads")
+        weight = self.hf.out_proj.weight  # [d_model, heads * d_v], head-major columns
+        return weight[:, head * self.d_v : (head + 1) * self.d_v]
+
     def padding_mask(self, attention_mask: Tensor | None) -> Tensor | None:
         """The mask to zero padded inputs with.
 

@@ -1,0 +1,102 @@
+"""One (layer, head) cell of a model, seen through its hooks: writes, states, gates, reads, codes.
+
+Everything here works on any matrix-recurrent mixer (Gated DeltaNet, Mamba-2) through the shared
+hook points; nothing branches on the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["Cell", "CellTrace", "trace_cell", "sae_cell", "encode_trace"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A layer and a head of a hooked model."""
+
+    layer: int
+    head: int
+
+    def hook(self, model: Any, name: str) -> str:
+        """Full name of a mixer hook of this cell's layer (``hook_write``, ``heads.{h}.hook_state``...)."""
+        return model.cfg.hook_name(self.layer, name.replace("{h}", str(self.head)))
+
+
+def sae_cell(model: Any, sae: Any) -> tuple[Cell, str]:
+    """The cell an SAE was trained on, and whether it reads ``"state"`` or ``"write"``."""
+    meta = sae.cfg.metadata
+    site = model.sae_site(sae)  # validates hook name, head, shapes
+    kind = "state" if site.endswith("hook_state") else "write"
+    layer = int(meta.hook_name.split(".")[1])
+    return Cell(layer, int(meta.hook_head_index)), kind
+
+
+@dataclass
+class CellTrace:
+    """Per-position quantities of one cell over a batch of sequences (float32/float64, on CPU).
+
+    Attributes:
+        key: Write key factors ``k_t`` [batch, pos, d_k].
+        value: Write value factors ``u_t`` [batch, pos, d_v] (the native write is ``k_t u_t^T``).
+        query: Read queries ``q_t`` [batch, pos, d_k].
+        log_decay: ``log alpha_t`` [batch, pos].
+        states: ``S_t`` [batch, pos, d_k, d_v], when asked for.
+        logits: The model's logits [batch, pos, d_vocab], when asked for.
+    """
+
+    key: Tensor
+    value: Tensor
+    query: Tensor
+    log_decay: Tensor
+    states: Tensor | None = None
+    logits: Tensor | None = None
+
+    def write(self, b: int, t: int) -> Float[Tensor, "d_k d_v"]:
+        return torch.outer(self.key[b, t], self.value[b, t])
+
+    def write_norm(self) -> Float[Tensor, "batch pos"]:
+        return self.key.norm(dim=-1) * self.value.norm(dim=-1)
+
+
+@torch.no_grad()
+def trace_cell(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    cell: Cell,
+    *,
+    attention_mask: Tensor | None = None,
+    with_states: bool = False,
+    with_logits: bool = False,
+) -> CellTrace:
+    """Run the model once and keep one cell's factors, gates, reads (and states) and the logits."""
+    names = {n: cell.hook(model, n) for n in ("hook_write_key", "hook_write_value", "hook_read_query", "hook_log_decay")}
+    if with_states:
+        names["state"] = cell.hook(model, "heads.{h}.hook_state")
+    logits, cache = model.run_with_cache(
+        tokens, attention_mask=attention_mask, names_filter=list(names.values()), return_cache_object=False
+    )
+    h = cell.head
+    return CellTrace(
+        key=cache[names["hook_write_key"]][:, :, h].cpu(),
+        value=cache[names["hook_write_value"]][:, :, h].cpu(),
+        query=cache[names["hook_read_query"]][:, :, h].cpu(),
+        log_decay=cache[names["hook_log_decay"]][:, :, h].cpu(),
+        states=cache[names["state"]].cpu() if with_states else None,
+        logits=logits.cpu() if with_logits else None,
+    )
+
+
+@torch.no_grad()
+def encode_trace(sae: Any, trace: CellTrace, kind: str) -> Float[Tensor, "batch pos d_sae"]:
+    """SAE codes at every position: of the states, or of the writes (from their factors)."""
+    if kind == "state":
+        if trace.states is None:
+            raise ValueError("this SAE reads states: trace the cell with with_states=True")
+        return sae.encode(trace.states.to(sae.dtype))
+    return sae.encode((trace.key.to(sae.dtype), trace.value.to(sae.dtype)))
