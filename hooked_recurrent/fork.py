@@ -33,13 +33,13 @@ from .cache import RecurrentCache
 if TYPE_CHECKING:
     from .model import HookedRecurrentModel
 
-__all__ = ["fork", "fork_from", "Condition"]
+__all__ = ["fork", "fork_from", "on_rows", "Condition"]
 
 Condition = Sequence[tuple[str | Callable[[str], bool], Callable]]
 """One condition: a list of ``(hook name or name filter, hook function)``, as for ``run_with_hooks``."""
 
 
-def _rows(fn: Callable, start: int, stop: int) -> Callable:
+def on_rows(fn: Callable, start: int, stop: int) -> Callable:
     """Apply a hook to rows ``start:stop`` of the batch only (in place)."""
 
     def hook(activation: Tensor, hook) -> Tensor:  # noqa: ANN001 - TransformerLens passes the HookPoint
@@ -97,7 +97,7 @@ def fork_from(
         raise ValueError(f"the continuation has batch size {continuation.shape[0]}, the cache {batch}")
     tiled = cache.repeat(n)
     hooks = [
-        (name, _rows(fn, i * batch, (i + 1) * batch)) for i, condition in enumerate(conditions) for name, fn in condition
+        (name, on_rows(fn, i * batch, (i + 1) * batch)) for i, condition in enumerate(conditions) for name, fn in condition
     ]
     mask = None if attention_mask is None else attention_mask.repeat(n, 1)
     with torch.no_grad():
