@@ -1,0 +1,1 @@
+"""TransformerLens-style hooks on the matrix state writes of recurrent language models."""
