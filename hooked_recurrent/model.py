@@ -109,8 +109,10 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         """Load a model from a hub id, a local directory, or a built-in name.
 
         Hub ids and local directories take the same path (``AutoModelForCausalLM``); a multimodal
-        Qwen3.5 checkpoint loads as its text model. Built-in names: ``tiny-random:qwen3.5`` (random
-        weights, for tests and demos).
+        Qwen3.5 checkpoint loads as its text model; Mamba-2 checkpoints in mamba_ssm's format are
+        converted. Built-in names (no download): ``stdlib:qwen3.5`` and ``stdlib:mamba2`` (small
+        models trained on the Python standard library, shipped in the package), and
+        ``tiny-random:qwen3.5`` / ``tiny-random:mamba2`` (random weights, for tests).
 
         Args:
             name_or_path: Hub id, local directory or built-in name.

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..presets import PRESETS, build_preset
+from ..pretrained import shipped_model_path
 from .mamba_ssm import is_mamba_ssm_config, load_mamba_ssm_checkpoint, read_config
 
 __all__ = ["load_hf_model", "load_tokenizer", "text_model_of"]
@@ -35,7 +36,8 @@ def load_hf_model(
     """Load an HF causal LM and its tokenizer (None if it has none).
 
     Args:
-        name_or_path: A hub id, a local directory, or a built-in name (``tiny-random:qwen3.5``...).
+        name_or_path: A hub id, a local directory, a shipped model (``stdlib:qwen3.5``,
+            ``stdlib:mamba2``) or a random preset (``tiny-random:qwen3.5``...).
         dtype: Parameter dtype (default float32, which the exactness guarantees assume).
         **hf_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
 
@@ -43,6 +45,9 @@ def load_hf_model(
         ``(hf_model, tokenizer_or_None)``.
     """
     dtype = dtype or torch.float32
+    shipped = shipped_model_path(name_or_path)  # "stdlib:..." names: a folder inside the package
+    if shipped is not None:
+        name_or_path = str(shipped)
     if name_or_path in PRESETS:
         return build_preset(name_or_path, dtype=dtype), None
     if ":" in name_or_path and name_or_path.split(":", 1)[0] in {p.split(":", 1)[0] for p in PRESETS}:
