@@ -122,7 +122,8 @@ def cmd_install(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from writesae.demo import run_demo
 
-    run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed)
+    run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed, input=args.input,
+             threads=args.threads or None)
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -204,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on a shipped model, with headline figures")
-    p.add_argument("--model", default="stdlib:qwen3.5")
+    p.add_argument("--model", default="stdlib:qwen3.5", help="stdlib:qwen3.5 (default) or stdlib:mamba2, or any model")
+    p.add_argument("--input", choices=["write", "state"], default="write", help="train the SAE on writes or states")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--head", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,9 @@
 """The closed-form logit shift (paper §4): predicting what an atom written into the state does.
 
-Add ``eps * v_i w_i^T`` (atom i: key factor ``v_i``, value factor ``w_i``) to a head's state after
-position ``t0`` and read the logit of the top-1 token at a later position ``t``. Dropping the
+Add ``eps * v_i w_i^T`` (atom i: key factor ``v_i``, value factor ``w_i``) to a head's cached state
+after position ``t0`` (a cache edit: position ``t0``'s own output is already computed, so the
+perturbation reaches later positions only through the state) and read the logit of the top-1 token
+at a later position ``t``. Dropping the
 delta rule's cross terms, the perturbation decays by the gates and is read by the query::
 
     dlogit_tok(t) ~ eps * prod_{s=t0+1..t} alpha_s * <v_i, q_t> * <path(w_i), W_U[tok]>
@@ -29,10 +31,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_recurrent.fork import fork
+from hooked_recurrent.cache import RecurrentCache
 
 from .cell import Cell, encode_trace, sae_cell, trace_cell
-from .edits import add_to_state
 from .report import RunDir, markdown_table, plt_module
 
 __all__ = ["LogitShiftConfig", "LogitShiftResult", "run_logit_shift", "r_squared"]
@@ -44,6 +45,9 @@ class LogitShiftConfig:
 
     Attributes:
         epsilons: Perturbation sizes (paper App. A: 0.1, 0.3, 1, 3; Table 9 lists 0.25..1).
+        eps_scale: ``"absolute"`` (the paper's unit atoms) or ``"state_norm"``: each eps is multiplied
+            by the median Frobenius norm of the cell's state on the prompts, so that the same grid is
+            a small perturbation for models whose states are small.
         horizons: Offsets ``t - t0`` at which the shift is read.
         path: ``"out_proj"`` (paper) or ``"jacobian"`` (exact local derivative); see the module docstring.
         positions_per_prompt: Reference positions ``t0`` drawn per prompt.
@@ -52,6 +56,7 @@ class LogitShiftConfig:
     """
 
     epsilons: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    eps_scale: Literal["absolute", "state_norm"] = "absolute"
     horizons: tuple[int, ...] = (1, 2, 4, 8)
     path: Literal["out_proj", "jacobian"] = "out_proj"
     positions_per_prompt: int = 1
@@ -95,6 +100,26 @@ def _read_gradient(model: Any, tokens: Tensor, mask: Tensor | None, cell: Cell, 
     return grad[0, position, cell.head].detach().float().cpu()
 
 
+@torch.no_grad()
+def _cache_edit_logits(
+    model: Any, tokens: Tensor, mask: Tensor | None, cell: Cell, t0: int, deltas: list[Tensor], horizon: int
+) -> Tensor:
+    """Logits at positions ``t0+1 .. t0+horizon`` after adding each delta to the cached state at ``t0``.
+
+    Row 0 is unedited; row ``i`` has ``deltas[i-1]`` added to the head's state once position ``t0``
+    has been read (a cache edit: the output at ``t0`` itself is unchanged).
+    """
+    cache = RecurrentCache(model, 1)
+    model(tokens[:, : t0 + 1], attention_mask=None if mask is None else mask[:, : t0 + 1], cache=cache, return_type=None)
+    tiled = cache.repeat(len(deltas) + 1)
+    state = tiled.state(cell.layer)  # a view in the key-by-value layout
+    for i, delta in enumerate(deltas):
+        state[i + 1, cell.head] += delta.to(state)
+    rest = tokens[:, t0 + 1 : t0 + 1 + horizon].repeat(len(deltas) + 1, 1)
+    rest_mask = None if mask is None else mask[:, t0 + 1 : t0 + 1 + horizon].repeat(len(deltas) + 1, 1)
+    return model(rest, attention_mask=rest_mask, cache=tiled).float().cpu()
+
+
 def run_logit_shift(
     model: Any,
     sae: Any,
@@ -120,7 +145,12 @@ def run_logit_shift(
     """
     config = config or LogitShiftConfig()
     cell, kind = sae_cell(model, sae)
-    trace = trace_cell(model, tokens, cell, attention_mask=attention_mask, with_states=kind == "state")
+    with_states = kind == "state" or config.eps_scale == "state_norm"
+    trace = trace_cell(model, tokens, cell, attention_mask=attention_mask, with_states=with_states)
+    unit = 1.0
+    if config.eps_scale == "state_norm":
+        norms = trace.states.flatten(2).norm(dim=-1)
+        unit = float(norms[attention_mask.bool().cpu()].median() if attention_mask is not None else norms.median())
     if atoms is None:
         counts = (encode_trace(sae, trace, kind) > 0).flatten(0, 1).sum(0)
         atoms = [int(a) for a in counts.argsort(descending=True)[: config.n_atoms] if counts[a] > 0]
@@ -131,6 +161,10 @@ def run_logit_shift(
     horizon = max(config.horizons)
     generator = torch.Generator().manual_seed(config.seed)
     lengths = tokens.shape[1] if attention_mask is None else attention_mask.sum(1)
+
+    def mask_of(b: int) -> Tensor | None:
+        return None if attention_mask is None else attention_mask[b : b + 1]
+
     records = []
     for b in tqdm(range(tokens.shape[0]), disable=not verbose, desc="logit shift"):
         start = 0 if attention_mask is None else int(tokens.shape[1] - lengths[b])
@@ -139,26 +173,19 @@ def run_logit_shift(
             continue
         t0s = torch.randint(start + 1, end, (config.positions_per_prompt,), generator=generator).tolist()
         for t0 in t0s:
-            conditions = [[]] + [
-                [add_to_state(model, cell, t0, eps * torch.einsum("rk,rv->kv", keys[a], values[a]))]
-                for a in atoms
-                for eps in config.epsilons
-            ]
-            mask = None if attention_mask is None else attention_mask[b : b + 1]
-            with torch.no_grad():
-                logits = fork(model, tokens[b : b + 1], t0, conditions, until=t0 + horizon + 1, attention_mask=mask)[:, 0]
-            logits = logits.float().cpu()
+            deltas = [unit * eps * torch.einsum("rk,rv->kv", keys[a], values[a]) for a in atoms for eps in config.epsilons]
+            logits = _cache_edit_logits(model, tokens[b : b + 1], mask_of(b), cell, t0, deltas, horizon)
             for h in config.horizons:
                 t = t0 + h
-                token = int(logits[0, h].argmax())
+                token = int(logits[0, h - 1].argmax())
                 decay = float(trace.log_decay[b, t0 + 1 : t + 1].sum().exp())
                 if config.path == "out_proj":
                     readout = out_proj.T @ unembed[:, token]  # [d_v]
                 else:
-                    readout = _read_gradient(model, tokens[b : b + 1], mask, cell, t, token)
+                    readout = _read_gradient(model, tokens[b : b + 1], mask_of(b), cell, t, token)
                 query = trace.query[b, t].float()
                 for i, a in enumerate(atoms):
-                    unit = float(((keys[a] @ query) * (values[a] @ readout)).sum())  # sum over rank
+                    per_eps = unit * float(((keys[a] @ query) * (values[a] @ readout)).sum())  # sum over rank
                     for j, eps in enumerate(config.epsilons):
                         row = 1 + i * len(config.epsilons) + j
                         records.append({
@@ -170,12 +197,13 @@ def run_logit_shift(
                             "eps": eps,
                             "token": token,
                             "gate_product": decay,
-                            "predicted": eps * decay * unit,
-                            "measured": float(logits[row, h, token] - logits[0, h, token]),
+                            "predicted": eps * decay * per_eps,
+                            "measured": float(logits[row, h - 1, token] - logits[0, h - 1, token]),
                         })
     summary = summarize(records, config)
     summary["cell"] = {"layer": cell.layer, "head": cell.head, "hook": sae.cfg.metadata.hook_name}
     summary["atoms"] = atoms
+    summary["eps_unit"] = unit
     summary["config"] = asdict(config)
     result = LogitShiftResult(records, summary, config)
     if out_dir is not None:
