@@ -70,6 +70,24 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def interleaved(variants: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each variant, timed in rounds (one call of each per round), so that a
+    change in machine load hits every variant alike instead of biasing the ratios."""
+    for fn in variants.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def speed(args: argparse.Namespace) -> dict[str, float]:
     dtype = getattr(torch, args.dtype)
     hf = build_hf(args.arch, dtype, args.layers).to(args.device)
@@ -85,23 +103,18 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
         writes[:, positions] *= 2.0
 
     factor_names = [cfg.hook_name(layer, "hook_write_key"), cfg.hook_name(layer, "hook_write_value")]
+    variants = {
+        "hf": lambda: plain_hf(input_ids=tokens),
+        "hooked": lambda: model(tokens),
+        "factors": lambda: model.run_with_cache(tokens, names_filter=factor_names),
+        "edit": lambda: model.run_with_hooks(tokens, fwd_hooks=[(cfg.hook_name(layer, f"heads.{head}.hook_write"), edit)]),
+        "edit_all_heads": lambda: model.run_with_hooks(
+            tokens, fwd_hooks=[(cfg.hook_name(layer, "hook_write"), lambda w, hook: edit(w[:, :, head], hook))]
+        ),
+    }
     with torch.no_grad():
-        t_hf = timed(lambda: plain_hf(input_ids=tokens), args.repeats, args.device)
-        t_hooked = timed(lambda: model(tokens), args.repeats, args.device)
-        t_factors = timed(lambda: model.run_with_cache(tokens, names_filter=factor_names), args.repeats, args.device)
-        t_edit = timed(
-            lambda: model.run_with_hooks(tokens, fwd_hooks=[(cfg.hook_name(layer, f"heads.{head}.hook_write"), edit)]),
-            args.repeats,
-            args.device,
-        )
-        t_edit_all_heads = timed(
-            lambda: model.run_with_hooks(
-                tokens,
-                fwd_hooks=[(cfg.hook_name(layer, "hook_write"), lambda w, hook: edit(w[:, :, head], hook))],
-            ),
-            max(1, args.repeats // 2),
-            args.device,
-        )
+        times = interleaved(variants, args.repeats, args.device)
+    t_hf, t_hooked, t_factors, t_edit, t_edit_all_heads = (times[k] for k in variants)
     return {
         "hf_forward_s": t_hf,
         "hooked_forward_s": t_hooked,

@@ -138,10 +138,11 @@ def chunked_scan(
         erase = chunks(inputs.erase)
         erase_key = k * erase[..., None]
         system = (erase_key @ k.transpose(-1, -2)) * decay  # only its strict lower part is read
-        writes_from_values = torch.linalg.solve_triangular(system, u, upper=False, unitriangular=True)
-        writes_from_state = torch.linalg.solve_triangular(
-            system, erase_key * cum.exp()[..., None], upper=False, unitriangular=True
+        # One solve for both right-hand sides: the values and the state-dependent part.
+        solved = torch.linalg.solve_triangular(
+            system, torch.cat([u, erase_key * cum.exp()[..., None]], dim=-1), upper=False, unitriangular=True
         )
+        writes_from_values, writes_from_state = solved[..., :d_v], solved[..., d_v:]
     else:
         writes_from_values, writes_from_state = u, None
 
@@ -153,11 +154,15 @@ def chunked_scan(
     outputs = []
     all_states = []
     state = initial_state
+    # Both reads of the chunk's start state in one product: [writes_from_state; q_decayed] @ state.
+    readers = q_decayed if writes_from_state is None else torch.cat([writes_from_state, q_decayed], dim=-2)
     for c in range(n_chunks):
+        read = readers[:, c] @ state
         writes = writes_from_values[:, c]
         if writes_from_state is not None:
-            writes = writes - writes_from_state[:, c] @ state
-        outputs.append(q_decayed[:, c] @ state + scores[:, c] @ writes)
+            writes = writes - read[:, :chunk]
+            read = read[:, chunk:]
+        outputs.append(read + scores[:, c] @ writes)
         if return_states:
             start_part = cum[:, c].exp()[..., None, None] * state[:, None]
             weighted_keys = decay[:, c, :, :, None] * k[:, c, None, :, :]  # [lane, t, j, d_k]
