@@ -1,4 +1,4 @@
-"""Dead-atom resampling (paper App. D; details from the reference code, see paper-spec §2.5).
+"""Dead-atom resampling (paper App. D; the details follow the paper's public reference code).
 
 For every dead atom: draw one sample of the current batch with probability proportional to its squared
 reconstruction error; take that sample's matrix (``resample_from="input"``: the input minus the
