@@ -266,12 +266,34 @@ def test_factor_views_and_atoms() -> None:
         _ = flat.atom_key
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("opts", [{}, {"input_mean": "fixed"}, {"sparsity": "batchtopk", "batchtopk_inference": "threshold"}])
+def test_folded_scale_acts_on_raw_data_like_the_scaled_sae(variant: str, opts: dict) -> None:
+    """An SAE trained on c*S, folded, gives on raw S the codes and reconstruction divided by c."""
+    c = 37.0
+    trained = make_sae(variant, **opts)
+    if "sparsity" in opts:
+        with torch.no_grad():
+            trained.topk_threshold.fill_(0.2)
+    states = torch.randn(16, D_K, D_V) / c
+    want_codes = trained.encode(c * states)  # encode itself is checked against the reference above
+    want_recon = trained.decode(want_codes)
+    folded = make_sae(variant, **opts)
+    folded.load_state_dict(trained.state_dict())
+    folded.fold_activation_norm_scaling_factor(c)
+    got_codes = folded.encode(states)
+    assert torch.equal(got_codes != 0, want_codes != 0)  # the same atoms are kept
+    torch.testing.assert_close(got_codes, want_codes / c, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(folded.decode(got_codes), want_recon / c, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(folded.get_W_dec_norm(), trained.get_W_dec_norm())  # atoms untouched
+    with pytest.raises(ValueError, match="positive"):
+        folded.fold_activation_norm_scaling_factor(0.0)
+
+
 def test_folds_that_would_break_rank_structure_refuse() -> None:
     sae = make_sae()
     with pytest.raises(NotImplementedError, match="rank"):
         sae.fold_activation_whitening(torch.zeros(30), torch.eye(30), torch.eye(30))
-    with pytest.raises(NotImplementedError, match="unit-norm atoms"):
-        sae.fold_activation_norm_scaling_factor(2.0)
     sae.fold_W_dec_norm()  # unit-norm atoms: a no-op
     with torch.no_grad():
         sae.W_dec_key.mul_(2.0)

@@ -239,24 +239,25 @@ def test_renormalising_every_step_keeps_unit_factors() -> None:
         torch.testing.assert_close(p.norm(dim=-1), torch.ones(24, 2))
 
 
-def _resume_setup(out_dir, seed: int):
+def _resume_setup(out_dir, seed: int, input_scaling: str = "none", data_scale: float = 1.0):
     torch.manual_seed(123)
-    keys, values = torch.randn(300, 6), torch.randn(300, 5)
+    keys, values = torch.randn(300, 6) * data_scale, torch.randn(300, 5)
     train, val = FactorSource(keys, values, seed=3).split(0.2, seed=42)
     # 64 atoms, one active per sample: many fall silent, so AuxK and resampling (RNG draws) run.
     sae = training_sae(seed=seed, input_mean="fixed", k_aux=4, d_sae=64, k=1)
     cfg = TrainerConfig(
         batch_size=32, epochs=3, lr=3e-3, warmup_steps=4, dead_steps=2, resample_every=5,
-        renorm_every=4, checkpoint_every=7, out_dir=str(out_dir), progress=False,
+        renorm_every=4, checkpoint_every=7, out_dir=str(out_dir), progress=False, input_scaling=input_scaling,
     )  # fmt: skip
     return WriteSAETrainer(sae, train, cfg, val=val)
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path) -> None:
-    full = _resume_setup(tmp_path / "full", seed=0)
+@pytest.mark.parametrize(("input_scaling", "data_scale"), [("none", 1.0), ("unit_mean_square", 1e-3)])
+def test_resume_reproduces_uninterrupted_run(tmp_path, input_scaling: str, data_scale: float) -> None:
+    full = _resume_setup(tmp_path / "full", seed=0, input_scaling=input_scaling, data_scale=data_scale)
     full.fit()
 
-    crashed = _resume_setup(tmp_path / "resumed", seed=0)
+    crashed = _resume_setup(tmp_path / "resumed", seed=0, input_scaling=input_scaling, data_scale=data_scale)
     real_step = crashed.train_step
 
     def crash_at_17(batch):
@@ -268,7 +269,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         crashed.fit()
     # A new process would start from a fresh SAE (other init) and trainer, then resume.
-    resumed = _resume_setup(tmp_path / "resumed", seed=99)
+    resumed = _resume_setup(tmp_path / "resumed", seed=99, input_scaling=input_scaling, data_scale=data_scale)
     resumed.fit(resume_from=tmp_path / "resumed" / "checkpoint")
 
     assert resumed.step == full.step
@@ -300,6 +301,35 @@ def test_files_log_and_best_checkpoint(tmp_path) -> None:
     # validation metrics are consistent with each other
     last = val[-1]
     assert 0 < last["val_nmse"] and last["val_explained_variance"] < 1 and last["val_l0"] <= 1
+
+
+def test_input_scaling_makes_training_independent_of_the_data_scale(tmp_path) -> None:
+    """Training on S and on s*S with input_scaling gives the same atoms, and biases and codes in
+    each data's own units; the files and metrics are in raw units too. (s is a power of two, so
+    both runs see bit-identical scaled data and TopK makes the same choices.)"""
+    s = 2.0**-10
+    unit = _resume_setup(tmp_path / "unit", seed=0, input_scaling="unit_mean_square")
+    unit.fit()
+    tiny = _resume_setup(tmp_path / "tiny", seed=0, input_scaling="unit_mean_square", data_scale=s)
+    tiny.fit()
+    for name, tensor in unit.sae.state_dict().items():
+        factor = s if name in ("b_enc", "b_dec", "input_mean") else 1.0
+        torch.testing.assert_close(tiny.sae.state_dict()[name], tensor * factor, rtol=1e-5, atol=1e-7 * factor, msg=name)
+    assert tiny.last_val["val_mse"] == pytest.approx(unit.last_val["val_mse"] * s**2, rel=1e-5)
+    assert tiny.last_val["val_explained_variance"] == pytest.approx(unit.last_val["val_explained_variance"], abs=1e-6)
+    # the saved best SAE, run on the raw validation data, has the validation MSE it was saved with
+    best = SAE.load_from_disk(tmp_path / "tiny" / "best")
+    errors = []
+    for keys, values in tiny.val_source.batches(0, 32):
+        writes = keys[:, :, None] * values[:, None, :]
+        errors.append((best.decode(best.encode(writes)) - writes).detach().pow(2).flatten(1))
+    assert torch.cat(errors).mean().item() == pytest.approx(best.cfg.metadata.val_mse, rel=1e-4)
+
+
+def test_raw_training_on_tiny_data_suggests_input_scaling(tmp_path) -> None:
+    trainer = _resume_setup(tmp_path, seed=0, data_scale=1e-3)
+    with pytest.warns(UserWarning, match="input_scaling='unit_mean_square'"):
+        trainer.fit()
 
 
 def test_iterable_source_rebatches_and_needs_a_length() -> None:

@@ -75,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from writesae.trainer import TrainerConfig
     from writesae.training import train_on_store
 
-    trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out_dir=args.out)
+    trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out_dir=args.out,
+                            input_scaling=args.input_scaling)
     sae, metrics = train_on_store(args.store, args.layer, args.head, d_sae=args.d_sae, k=args.k, seed=args.seed,
                                   trainer=trainer, variant=args.variant, rank=args.rank, sparsity=args.sparsity)
     sae.save_model(Path(args.out) / "sae")
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--input-scaling", default="none", choices=["none", "unit_mean_square"],
+                   help="train on the data scaled to unit mean square (folded back at the end); "
+                        "'none' is the paper's recipe")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train)

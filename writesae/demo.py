@@ -2,7 +2,9 @@
 
 1. Capture the writes (or the states) of one (layer, head) on training-split stdlib text; the
    cell defaults to the head with the longest memory (slowest decay).
-2. Train a WriteSAE (bilinear encoder, rank-1 atoms, TopK) on them.
+2. Train a WriteSAE (bilinear encoder, rank-1 atoms, TopK) on them, on the data scaled to unit mean
+   square (``input_scaling="unit_mean_square"``: these small models' writes are ~1e-2, where raw
+   training leaves most atoms dead; the saved SAE acts on raw writes).
 3. Splice it back with the error term (logits unchanged) and read its atoms.
 4. Substitution test on held-out text; closed-form logit shift; installs during generation.
 
@@ -85,7 +87,8 @@ def run_demo(
     store = collect(model, train_tokens, layers=[layer], heads=[head], kind=input, out_dir=out / "store", skip_first=1, verbose=False)
     _log(f"captured {store.num_samples(layer, head, 'train')} train / {store.num_samples(layer, head, 'val')} val {input}s", start)
 
-    trainer = TrainerConfig(epochs=sizes["epochs"], batch_size=128, lr=2e-3, warmup_steps=20, progress=False, out_dir=out / "training")
+    trainer = TrainerConfig(epochs=sizes["epochs"], batch_size=128, lr=2e-3, warmup_steps=20, progress=False, out_dir=out / "training",
+                            input_scaling="unit_mean_square")
     sae, metrics = train_on_store(store, layer, head, d_sae=sizes["d_sae"], k=sizes["k"], trainer=trainer, seed=seed)
     sae.save_model(out / "sae")
     _log(f"WriteSAE d_sae={sizes['d_sae']} k={sizes['k']}: val explained variance {metrics['val_explained_variance']:.3f}, "

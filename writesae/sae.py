@@ -291,12 +291,22 @@ class WriteSAEMixin:
             )
 
     @override
+    @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        raise NotImplementedError(
-            "WriteSAE keeps unit-norm atoms so that a code value is the atom's Frobenius magnitude "
-            "(the paper's convention); folding a scaling factor would break either that or the codes. "
-            "Scale the data before training instead (normalize_activations='none')."
-        )
+        """Make an SAE trained on ``c * S`` act on raw ``S`` (``c = scaling_factor``).
+
+        Every pre-activation is ``<E_i, S - c_in> + b_enc_i``, so dividing ``b_enc``, ``b_dec``,
+        ``input_mean`` and the BatchTopK threshold by ``c`` divides all pre-activations by ``c``: TopK
+        keeps the same atoms, codes come out in the raw input's units and the reconstruction is the
+        trained SAE's divided by ``c``. The atoms are untouched, so they keep unit norm and a code
+        stays the Frobenius magnitude of its atom in the model's own units (the paper's convention).
+        This differs from SAELens' dense SAEs, whose fold keeps codes in the scaled units.
+        """
+        if not scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be positive (got {scaling_factor}).")
+        for name in ("b_enc", "b_dec", "input_mean", "topk_threshold"):
+            if hasattr(self, name):
+                getattr(self, name).div_(scaling_factor)
 
     @override
     def fold_activation_whitening(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +58,7 @@ TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 LOG_FILENAME = "train_log.jsonl"
 # Trainer fields that fix the data order and the random draws; a resume must keep them.
-_RESUME_INVARIANTS = ("batch_size", "seed")
+_RESUME_INVARIANTS = ("batch_size", "seed", "input_scaling")
 
 
 @dataclass
@@ -88,7 +89,13 @@ class TrainerConfig:
         progress: Show a tqdm progress bar.
         estimate_input_mean: For ``input_mean="fixed"`` SAEs, set ``input_mean`` to the training
             mean before the first step (paper §2.1's ``M``).
-        mean_samples: Samples used for that estimate (``None``: one full pass).
+        mean_samples: Samples used for that estimate and for ``input_scaling`` (``None``: one full pass).
+        input_scaling: ``"none"`` (the paper: train on the raw data) or ``"unit_mean_square"``: train on
+            the data times ``c = 1 / sqrt(mean ||S||_F^2)`` and fold ``c`` back into the biases at the
+            end (``WriteSAE.fold_activation_norm_scaling_factor``), so the saved SAE acts on raw data
+            and its codes are in raw units. Use it when the data are far from unit scale (Mamba-2
+            writes are ~1e-2): Adam moves biases by about ``lr`` per step whatever the data's scale,
+            so on tiny data the biases, not the data, pick the TopK atoms and most atoms die.
     """
 
     batch_size: int = 256
@@ -114,6 +121,7 @@ class TrainerConfig:
     progress: bool = True
     estimate_input_mean: bool = True
     mean_samples: int | None = None
+    input_scaling: Literal["none", "unit_mean_square"] = "none"
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "max_samples", "dead_steps", "resample_every",
@@ -126,6 +134,10 @@ class TrainerConfig:
         if self.resample_from not in ("input", "residual"):
             raise ValueError(
                 f"TrainerConfig.resample_from must be 'input' or 'residual' (got {self.resample_from!r})."
+            )
+        if self.input_scaling not in ("none", "unit_mean_square"):
+            raise ValueError(
+                f"TrainerConfig.input_scaling must be 'none' or 'unit_mean_square' (got {self.input_scaling!r})."
             )
         if not 0 < self.lr_min <= self.lr:
             raise ValueError(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min}).")
@@ -145,8 +157,9 @@ def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
 class _Totals:
     """Running sums for metrics over many batches."""
 
-    def __init__(self, sae: WriteTrainingSAE):
+    def __init__(self, sae: WriteTrainingSAE, input_scale: float = 1.0):
         cfg = sae.cfg
+        self.input_scale = input_scale  # MSE is reported in the raw data's units
         self.d_in = cfg.d_in
         self.n = 0
         self.sq_err = 0.0
@@ -168,7 +181,7 @@ class _Totals:
         n = max(self.n, 1)
         centred = self.sq_norm - float(self.input_sum.pow(2).sum()) / n
         return {
-            "mse": self.sq_err / (n * self.d_in),
+            "mse": self.sq_err / (n * self.d_in) / self.input_scale**2,
             "nmse": self.sq_err / max(self.sq_norm, 1e-30),
             "explained_variance": 1.0 - self.sq_err / max(centred, 1e-30),
             "l0": self.l0 / n,
@@ -212,6 +225,8 @@ class WriteSAETrainer:
         self.samples_seen = 0
         self.best_val_mse = math.inf
         self.best_state_dict: dict[str, torch.Tensor] | None = None
+        # Training sees ``input_scale * data`` (see TrainerConfig.input_scaling); 1.0 means raw data.
+        self.input_scale = 1.0
         self.last_val: dict[str, float] | None = None
         self.total_steps = self._total_steps()
 
@@ -237,10 +252,12 @@ class WriteSAETrainer:
     # ------------------------------------------------------------------ one step
 
     def _to_device(self, batch: Batch) -> Batch:
-        dev, dt = self.sae.device, self.sae.dtype
-        if isinstance(batch, tuple):
-            return batch[0].to(dev, dt), batch[1].to(dev, dt)
-        return batch.to(dev, dt)
+        dev, dt, c = self.sae.device, self.sae.dtype, self.input_scale
+        if isinstance(batch, tuple):  # a write k u^T scales with its key factor
+            keys = batch[0].to(dev, dt)
+            return (keys * c if c != 1.0 else keys), batch[1].to(dev, dt)
+        batch = batch.to(dev, dt)
+        return batch * c if c != 1.0 else batch
 
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimisation step (plus dead tracking, re-normalisation and resampling when due)."""
@@ -276,7 +293,7 @@ class WriteSAETrainer:
             )  # fmt: skip
             self.steps_since_active[dead] = 0
 
-        totals = _Totals(sae)
+        totals = _Totals(sae, self.input_scale)
         totals.add(out)
         return {
             "step": self.step,
@@ -298,7 +315,7 @@ class WriteSAETrainer:
         if self.val_source is None:
             raise ValueError("no validation source: pass val= to WriteSAETrainer.")
         self.sae.eval()
-        totals = _Totals(self.sae)
+        totals = _Totals(self.sae, self.input_scale)
         size = self.cfg.val_batch_size or self.cfg.batch_size
         for batch in self.val_source.batches(0, size):
             totals.add(self.sae.compute_loss(self._to_device(batch)))
@@ -319,8 +336,13 @@ class WriteSAETrainer:
         """
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        elif self.sae.cfg.input_mean == "fixed" and self.cfg.estimate_input_mean:
-            self._estimate_input_mean()
+        else:
+            if self.cfg.input_scaling == "unit_mean_square":
+                self.input_scale = self._estimate_input_scale()
+            else:
+                self._warn_if_far_from_unit_scale()
+            if self.sae.cfg.input_mean == "fixed" and self.cfg.estimate_input_mean:
+                self._estimate_input_mean()
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE")
         while self.step < self.total_steps:
@@ -350,6 +372,9 @@ class WriteSAETrainer:
             break
         bar.close()
         self._validate_and_save()
+        # From here on the SAE acts on raw data (the last checkpoint keeps the scaled weights and c).
+        self.sae.fold_activation_norm_scaling_factor(self.input_scale)
+        self.input_scale = 1.0
         if self.out_dir is not None:
             self.sae.save_inference_model(self.out_dir / "final")
         return self.sae
@@ -367,7 +392,7 @@ class WriteSAETrainer:
             self._log({"type": "val", "step": self.step, "epoch": self.epoch, **metrics})
             if metrics["val_mse"] < self.best_val_mse:
                 self.best_val_mse = metrics["val_mse"]
-                self.best_state_dict = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+                self.best_state_dict = self._raw_state_dict()
                 if self.out_dir is not None:
                     cfg_dict = self.sae.cfg.get_inference_sae_cfg_dict()
                     cfg_dict["metadata"] = {**cfg_dict["metadata"], **metrics, "step": self.step}
@@ -375,10 +400,50 @@ class WriteSAETrainer:
         if self.out_dir is not None and (self.cfg.checkpoint_every is None or self.step >= self.total_steps):
             self.save_checkpoint(self.out_dir / "checkpoint")
 
+    def _raw_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the SAE's weights for raw (unscaled) data."""
+        state = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+        for name in ("b_enc", "b_dec", "input_mean", "topk_threshold"):
+            if name in state:
+                state[name] /= self.input_scale
+        return state
+
+    def _estimate_input_scale(self) -> float:
+        """``1 / sqrt(mean ||S||_F^2)`` over the training data (or its first ``mean_samples``)."""
+        total, n = 0.0, 0
+        for batch in self.train_source.batches(0, self.cfg.batch_size):
+            if isinstance(batch, tuple):  # ||k u^T||_F = ||k|| ||u||
+                total += float((batch[0].double().norm(dim=-1) * batch[1].double().norm(dim=-1)).pow(2).sum())
+                n += batch[0].shape[0]
+            else:
+                total += float(batch.double().pow(2).sum())
+                n += batch.shape[0]
+            if self.cfg.mean_samples is not None and n >= self.cfg.mean_samples:
+                break
+        if n == 0 or not total > 0:
+            raise ValueError("input_scaling='unit_mean_square' needs training data that are not all zero.")
+        return (total / n) ** -0.5
+
+    def _warn_if_far_from_unit_scale(self) -> None:
+        first = next(iter(self.train_source.batches(0, self.cfg.batch_size)), None)
+        if first is None:
+            return
+        if isinstance(first, tuple):
+            mean_square = float((first[0].double().norm(dim=-1) * first[1].double().norm(dim=-1)).pow(2).mean())
+        else:
+            mean_square = float(first.double().pow(2).sum(-1).mean())
+        if not 1e-2 <= mean_square <= 1e2:
+            warnings.warn(
+                f"the training samples have mean squared Frobenius norm {mean_square:.2g}, far from 1: "
+                "with raw data most atoms may die; consider TrainerConfig(input_scaling='unit_mean_square').",
+                stacklevel=3,
+            )
+
     def _estimate_input_mean(self) -> None:
         d_k, d_v = self.sae.cfg.d_k, self.sae.cfg.d_v
         total, n = torch.zeros(d_k, d_v, dtype=torch.float64), 0
-        for batch in self.train_source.batches(0, self.cfg.batch_size):
+        for raw in self.train_source.batches(0, self.cfg.batch_size):
+            batch = self._to_device(raw)  # in the units training sees
             if isinstance(batch, tuple):
                 total += (batch[0].double().T @ batch[1].double()).cpu()
                 n += batch[0].shape[0]
@@ -428,6 +493,7 @@ class WriteSAETrainer:
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
             "best_val_mse": self.best_val_mse if math.isfinite(self.best_val_mse) else None,
+            "input_scale": self.input_scale,
             "total_steps": self.total_steps,
             "trainer_config": asdict(self.cfg),
             "sae_config": self.sae.cfg.to_dict(),
@@ -453,7 +519,7 @@ class WriteSAETrainer:
                 "(resume from OUT_DIR/checkpoint, not best/ or final/)."
             ) from None
         for field in _RESUME_INVARIANTS:
-            saved = state["trainer_config"][field]
+            saved = state["trainer_config"].get(field, getattr(TrainerConfig, field))
             if saved != getattr(self.cfg, field):
                 raise CheckpointError(
                     f"{state_path}: the checkpoint was trained with {field}={saved}, this trainer has "
@@ -477,6 +543,7 @@ class WriteSAETrainer:
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.samples_seen = state["samples_seen"]
+        self.input_scale = float(state.get("input_scale", 1.0))
         best = state["best_val_mse"]
         self.best_val_mse = math.inf if best is None else best
         self._truncate_log()
