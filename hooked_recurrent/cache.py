@@ -215,6 +215,42 @@ class RecurrentCache(DynamicCache):
         out._batch_size = self.batch_size * n
         return out
 
+    @classmethod
+    def cat(cls, caches: list[RecurrentCache]) -> RecurrentCache:
+        """Stack the batches of caches that reached the same position with the same model."""
+        if not caches:
+            raise ValueError("RecurrentCache.cat needs at least one cache")
+        first = caches[0]
+        for other in caches[1:]:
+            if other.signature != first.signature or other.owner_id != first.owner_id:
+                raise ValueError("cannot concatenate caches filled by different models")
+            if other.position != first.position:
+                raise ValueError(
+                    f"cannot concatenate caches at positions {first.position} and {other.position}; "
+                    "run them to the same position first"
+                )
+        out = first.clone()
+        for index, entry in enumerate(out.layers):
+            parts = [c.layers[index] for c in caches]
+            if isinstance(entry, LinearAttentionCacheLayerMixin):
+                for attr in ("conv_states", "recurrent_states"):
+                    store = getattr(entry, attr)
+                    for key, value in store.items():
+                        if isinstance(value, Tensor):
+                            store[key] = torch.cat([getattr(part, attr)[key] for part in parts])
+            elif getattr(entry, "is_initialized", False):
+                entry.keys = torch.cat([part.keys for part in parts])
+                entry.values = torch.cat([part.values for part in parts])
+        if any(c.attention_mask is not None for c in caches):
+            device = next(c.attention_mask for c in caches if c.attention_mask is not None).device
+            out.attention_mask = torch.cat([
+                c.attention_mask.to(device) if c.attention_mask is not None
+                else torch.ones(c.batch_size, c.position, dtype=torch.long, device=device)
+                for c in caches
+            ])  # fmt: skip
+        out._batch_size = sum(c.batch_size for c in caches)
+        return out
+
     def select(self, rows: Tensor | list[int]) -> RecurrentCache:
         """A copy with only some sequences of the batch."""
         index = torch.as_tensor(rows, dtype=torch.long)

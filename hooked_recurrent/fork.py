@@ -1,7 +1,12 @@
 """Many alternative edits from one prefix, in one batched pass.
 
 The prefix is computed once into a `RecurrentCache`; the cache is tiled once per condition and
-the continuation runs as one batch in which each condition's hooks act on its own rows only.
+the continuation runs batched, each condition's hooks acting on its own rows only. Long
+continuations run in groups of conditions (about `TOKENS_PER_PASS` tokens per pass): a hook sees
+every row of its pass (`on_rows` then picks its condition's), so a write or state hook costs in
+proportion to the rows of the pass, and one pass would hold every condition's activations at
+once. On a CPU a batch of two 512-token rows runs as fast per token as a batch of one; on a GPU,
+where larger batches pay, pass a larger ``max_rows``.
 This is how the paper's per-firing comparisons (atom / delete / random at a position t) are run
 without recomputing the prefix for every condition, and without conditions leaking into each
 other (each condition continues from its own copy of the cache).
@@ -33,7 +38,10 @@ from .cache import RecurrentCache
 if TYPE_CHECKING:
     from .model import HookedRecurrentModel
 
-__all__ = ["fork", "fork_from", "on_rows", "Condition"]
+__all__ = ["fork", "fork_from", "on_rows", "Condition", "TOKENS_PER_PASS"]
+
+TOKENS_PER_PASS = 1024
+"""Default batch rows x continuation tokens per forward pass of a fork."""
 
 Condition = Sequence[tuple[str | Callable[[str], bool], Callable]]
 """One condition: a list of ``(hook name or name filter, hook function)``, as for ``run_with_hooks``."""
@@ -62,6 +70,7 @@ def fork_from(
     position: int | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     return_caches: bool = False,
+    max_rows: int | None = None,
 ) -> Float[Tensor, "condition batch pos d_vocab"] | tuple[Tensor, RecurrentCache]:
     """Continue one cache under several conditions at once.
 
@@ -74,6 +83,9 @@ def fork_from(
         position: If given, the position the fork must start at (an error says so otherwise).
         attention_mask: Mask of the continuation tokens.
         return_caches: Also return the tiled cache after the continuation (condition-major rows).
+        max_rows: Most batch rows per forward pass (whole conditions; at least one per pass). By
+            default, ``TOKENS_PER_PASS // continuation length`` rows: short continuations run all
+            conditions at once, long ones in groups. The results do not depend on it.
 
     Returns:
         Logits ``[condition, batch, pos, d_vocab]`` for the continuation positions.
@@ -95,15 +107,25 @@ def fork_from(
     n, batch = len(conditions), cache.batch_size
     if continuation.shape[0] != batch:
         raise ValueError(f"the continuation has batch size {continuation.shape[0]}, the cache {batch}")
-    tiled = cache.repeat(n)
-    hooks = [
-        (name, on_rows(fn, i * batch, (i + 1) * batch)) for i, condition in enumerate(conditions) for name, fn in condition
-    ]
-    mask = None if attention_mask is None else attention_mask.repeat(n, 1)
-    with torch.no_grad():
-        logits = model.run_with_hooks(continuation.repeat(n, 1), cache=tiled, attention_mask=mask, fwd_hooks=hooks)
-    logits = logits.reshape(n, batch, *logits.shape[1:])
-    return (logits, tiled) if return_caches else logits
+    if max_rows is None:
+        max_rows = max(1, TOKENS_PER_PASS // continuation.shape[1])
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+    per_pass = max(1, max_rows // batch)
+    logits, caches = [], []
+    for first in range(0, n, per_pass):
+        group = conditions[first : first + per_pass]
+        tiled = cache.repeat(len(group))
+        hooks = [
+            (name, on_rows(fn, i * batch, (i + 1) * batch)) for i, condition in enumerate(group) for name, fn in condition
+        ]
+        mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
+        with torch.no_grad():
+            out = model.run_with_hooks(continuation.repeat(len(group), 1), cache=tiled, attention_mask=mask, fwd_hooks=hooks)
+        logits.append(out.reshape(len(group), batch, *out.shape[1:]))
+        caches.append(tiled)
+    logits = torch.cat(logits)
+    return (logits, RecurrentCache.cat(caches)) if return_caches else logits
 
 
 def fork(
@@ -114,6 +136,7 @@ def fork(
     *,
     until: int | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    max_rows: int | None = None,
 ) -> Float[Tensor, "condition batch forked_pos d_vocab"]:
     """Compute ``tokens[:, :position]`` once, then every condition on ``tokens[:, position:until]``.
 
@@ -125,6 +148,7 @@ def fork(
         until: End of the continuation (default: the end of ``tokens``; ``position + 1`` reads
             the conditions at ``position`` only).
         attention_mask: Mask of ``tokens``.
+        max_rows: Most batch rows per forward pass (see `fork_from`).
 
     Returns:
         Logits ``[condition, batch, until - position, d_vocab]``, equal to running each condition
@@ -141,4 +165,4 @@ def fork(
         with torch.no_grad():
             model(tokens[:, :position], attention_mask=prefix_mask, cache=cache, return_type=None)
     rest_mask = None if attention_mask is None else attention_mask[:, position:until]
-    return fork_from(model, cache, tokens[:, position:until], conditions, attention_mask=rest_mask)
+    return fork_from(model, cache, tokens[:, position:until], conditions, attention_mask=rest_mask, max_rows=max_rows)

@@ -6,6 +6,8 @@ import copy
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedTokenizerFast
 
 from hooked_recurrent import HookedRecurrentModel
@@ -43,3 +45,17 @@ def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
     for b, n in enumerate(pads):
         mask[b, :n] = 0
     return mask
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward), to prove that a
+    computation never materialises per-sample matrices."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

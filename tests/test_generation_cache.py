@@ -150,6 +150,35 @@ def test_fork_equals_each_condition_from_scratch(pair):
         assert rel_err(to_end[i], scratch) < 1e-4, i
         assert rel_err(at_t[i, :, 0], scratch[:, 0]) < 1e-4, i
     assert (to_end[1] - to_end[0]).abs().max() > 1e-3
+    # running the conditions in groups of one or three changes nothing
+    for rows in (2, 6):
+        torch.testing.assert_close(fork(model, tokens, t, conditions, max_rows=rows), to_end, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fork_caches_of_grouped_passes_continue_like_one_pass(pair):
+    model, _ = pair
+    tokens, mask = random_tokens(2, 40, seed=10), left_padding_mask(2, 40, [0, 5])
+    t = 24
+    layer = model.cfg.recurrent_layers[0]
+    conditions = [[], [(model.cfg.hook_name(layer, "hook_write"), scale_writes([t], 2.0))], []]
+    prefix = RecurrentCache(model, 2)
+    model(tokens[:, :t], attention_mask=mask[:, :t], cache=prefix)
+    one_pass, caches = fork_from(model, prefix, tokens[:, t:30], conditions, attention_mask=mask[:, t:30], return_caches=True)
+    grouped, grouped_caches = fork_from(
+        model, prefix, tokens[:, t:30], conditions, attention_mask=mask[:, t:30], return_caches=True, max_rows=2
+    )
+    torch.testing.assert_close(grouped, one_pass, rtol=1e-5, atol=1e-5)
+    assert grouped_caches.batch_size == 6 and grouped_caches.position == 30
+    assert torch.equal(grouped_caches.attention_mask, caches.attention_mask)
+    rest = tokens[:, 30:].repeat(3, 1)
+    expected = model(rest, cache=caches.clone())
+    torch.testing.assert_close(model(rest, cache=grouped_caches), expected, rtol=1e-5, atol=1e-5)
+    # cat undoes select
+    halves = RecurrentCache.cat([caches.select([0, 1, 2]), caches.select([3, 4, 5])])
+    torch.testing.assert_close(model(rest, cache=halves), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions 30 and 24"):
+        RecurrentCache.cat([caches, prefix])
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ Reference (float64, one head, S in [d_k, d_v]):
 import jaxtyping
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from helpers import LargestTensor
 
 with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
     import writesae
@@ -98,26 +97,13 @@ def test_factor_pair_encode_equals_dense_encode(variant: str) -> None:
     torch.testing.assert_close(out, sae(writes), rtol=1e-5, atol=1e-5)
 
 
-class Largest(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("variant", ["bilinear", "bilinear_tied"])
 def test_factor_pair_encode_builds_no_per_sample_matrix(variant: str) -> None:
     b, d = 512, 32
     torch.manual_seed(0)
     sae = WriteSAE(WriteSAEConfig.build(d_k=d, d_v=d, d_sae=16, k=4, variant=variant, input_mean="fixed"))
     key, value = torch.randn(b, d), torch.randn(b, d)
-    with torch.no_grad(), Largest() as rec:
+    with torch.no_grad(), LargestTensor() as rec:
         sae.encode((key, value))
     assert rec.largest <= b * d  # the inputs' own size; the writes would be b * d * d
 
@@ -129,7 +115,7 @@ def test_dense_encoder_builds_writes_in_bounded_chunks(variant: str, monkeypatch
     torch.manual_seed(0)
     sae = WriteSAE(WriteSAEConfig.build(d_k=d, d_v=d, d_sae=16, k=4, variant=variant))
     key, value = torch.randn(b, d), torch.randn(b, d)
-    with torch.no_grad(), Largest() as rec:
+    with torch.no_grad(), LargestTensor() as rec:
         codes = sae.encode((key, value))
     assert rec.largest <= 64 * d * d
     torch.testing.assert_close(codes, sae.encode(key[:, :, None] * value[:, None, :]), rtol=1e-5, atol=1e-5)

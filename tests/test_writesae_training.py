@@ -6,8 +6,7 @@ import math
 import jaxtyping
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from helpers import LargestTensor
 
 with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
     from writesae import (
@@ -102,19 +101,6 @@ def test_factor_form_loss_equals_dense_loss(variant: str, rank: int, mode: str) 
         grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward)."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("variant", ["bilinear", "bilinear_tied"])
