@@ -79,3 +79,42 @@ def test_tokenizer_round_trips_python():
     assert tokenizer.decode(ids) == snippet
     assert tokenizer.eos_token_id not in ids  # no BOS/EOS added by default
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("arch", ["qwen3.5", "mamba2"])
+def test_training_script_is_seeded_and_a_resumed_run_ends_with_the_same_weights(arch, tmp_path, monkeypatch):
+    """The script behind the shipped weights, on a slice of the corpus: a run interrupted after
+    step 3 (its own seeded start) and resumed with --resume ends with exactly the weights of an
+    uninterrupted run, and the output folder loads by path into HookedRecurrentModel with HF's
+    logits."""
+    from safetensors.torch import load_file
+
+    from hooked_recurrent import HookedRecurrentModel
+    from hooked_recurrent.pretrained import train
+
+    files = corpus.list_source_files()
+    small = [f for f in files if 2_000 <= len(f.text) <= 6_000][:16]  # a few KB each: seconds per run
+    monkeypatch.setattr(corpus, "list_source_files", lambda: small)
+    threads = torch.get_num_threads()
+    common = ["--arch", arch, "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "300",
+              "--val-fraction", "0.25", "--eval-every", "3", "--eval-windows", "2", "--eval-batch-size", "64", "--checkpoint-every", "2",
+              "--threads", "1"]  # fmt: skip
+    try:
+        runs = {"a": train.main([*common, "--out", str(tmp_path / "a"), "--checkpoint-dir", str(tmp_path / "ckpt-a")])}
+        interrupted = [*common, "--out", str(tmp_path / "c"), "--checkpoint-dir", str(tmp_path / "ckpt-c")]
+        assert train.main([*interrupted, "--stop-after", "3"]) == {} and not (tmp_path / "c").exists()
+        runs["c"] = train.main([*interrupted, "--resume"])
+    finally:
+        torch.set_num_threads(threads)
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in runs}
+    assert weights["c"].keys() == weights["a"].keys()
+    for key, tensor in weights["a"].items():
+        assert torch.equal(weights["c"][key], tensor), key
+    assert runs["c"]["final_val_loss"] == runs["a"]["final_val_loss"]
+    assert runs["c"]["session_commands"][-1].endswith("--resume") and len(runs["c"]["session_commands"]) == 2
+    assert runs["a"]["tokens_seen"] == 6 * 2 * 32
+
+    model = HookedRecurrentModel.from_pretrained(str(tmp_path / "a"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    tokens = model.to_tokens("def f(x):\n    return x\n", prepend_bos=False)
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)

@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=32, help="windows in each periodic validation")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="windows per validation forward (default: --batch-size; does not change the weights)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step")
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_windows = data.to_windows(data.encode_stream(tokenizer, val_files), args.seq_len)
     sampler = data.WindowSampler(data.to_windows(train_stream, args.seq_len), args.batch_size, args.seed)
     byte_lengths = np.asarray(token_byte_lengths(tokenizer))
+    eval_batch = args.eval_batch_size or args.batch_size
     probe = np.linspace(0, len(val_windows) - 1, min(args.eval_windows, len(val_windows))).astype(int)
 
     config = build_config(args.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss_ema:.3f}", lr=f"{lr:.2e}")
         if done % args.eval_every == 0 or done == args.steps:
-            val = evaluation.model_loss(model, val_windows[probe], byte_lengths, args.batch_size)
+            val = evaluation.model_loss(model, val_windows[probe], byte_lengths, eval_batch)
             state["val_curve"].append({"step": done, "val_loss": round(val.loss, 5),
                                        "train_loss_ema": round(train_loss_ema, 5)})
             tqdm.write(f"step {done}: val loss {val.loss:.4f} nats/token, train (ema) {train_loss_ema:.4f}")
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Score the saved files, reloaded as a user would, not the in-memory model.
         saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         saved_tok = AutoTokenizer.from_pretrained(tmp)
-        val = evaluation.model_loss(saved, val_windows, byte_lengths, args.batch_size)
+        val = evaluation.model_loss(saved, val_windows, byte_lengths, eval_batch)
         log_probs = evaluation.unigram_log_probs(train_stream, len(tokenizer))
         uni = evaluation.unigram_loss(log_probs, val_windows, byte_lengths)
         sample = heldout.load_sample()
