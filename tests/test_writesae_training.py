@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import jaxtyping
 import pytest
@@ -316,6 +317,16 @@ def test_raw_training_on_tiny_data_suggests_input_scaling(tmp_path) -> None:
     trainer = _resume_setup(tmp_path, seed=0, data_scale=1e-3)
     with pytest.warns(UserWarning, match="input_scaling='unit_mean_square'"):
         trainer.fit()
+    # dense states, in either layout, are measured by their whole Frobenius norm: mean square 0.05
+    # (inside the band; per row of a [d_k, d_v] matrix it would be 0.05 / 6) trains silently
+    cfg = TrainerConfig(batch_size=16, epochs=1, progress=False)
+    near_unit = torch.randn(32, 6, 5) * (0.05 / 30) ** 0.5
+    for states in (near_unit, near_unit.flatten(1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            WriteSAETrainer(training_sae(), states, cfg).fit()
+        with pytest.warns(UserWarning, match="far from 1"):
+            WriteSAETrainer(training_sae(), states * 1e-3, cfg).fit()
 
 
 def test_iterable_source_rebatches_and_needs_a_length() -> None:

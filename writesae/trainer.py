@@ -431,7 +431,7 @@ class WriteSAETrainer:
         if isinstance(first, tuple):
             mean_square = float((first[0].double().norm(dim=-1) * first[1].double().norm(dim=-1)).pow(2).mean())
         else:
-            mean_square = float(first.double().pow(2).sum(-1).mean())
+            mean_square = float(first.double().pow(2).sum()) / first.shape[0]  # [B, d_in] or [B, d_k, d_v]
         if not 1e-2 <= mean_square <= 1e2:
             warnings.warn(
                 f"the training samples have mean squared Frobenius norm {mean_square:.2g}, far from 1: "
