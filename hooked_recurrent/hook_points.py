@@ -149,11 +149,6 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", repr(fn))
 
 
-def observe_only(hook_point: HookPoint) -> bool:
-    """True when the hook point has no hooks, or only read-only ones."""
-    return not hook_point.has_fwd_hooks() or hook_point.only_observers()
-
-
 def changed_mask(before: Tensor, after: Tensor, n_trailing: int) -> Tensor | None:
     """Which leading positions differ between two tensors, or None if nothing changed.
 

@@ -28,7 +28,7 @@ the choice written next to it (DESIGN.md §5):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from typing_extensions import override
@@ -56,6 +56,9 @@ def has_dense_encoder(variant: str) -> bool:
     return variant in ("flat", "matrix")
 
 
+_Config = TypeVar("_Config", bound="_WriteFields")
+
+
 @dataclass(kw_only=True)
 class _WriteFields:
     """The fields WriteSAE adds to SAELens' config (shared by the inference and training configs).
@@ -80,6 +83,23 @@ class _WriteFields:
     sparsity: Sparsity = "topk"
     batchtopk_inference: BatchTopKInference = "topk"
     input_mean: InputMean = "none"
+
+    @classmethod
+    def build(cls: type[_Config], *, d_k: int, d_v: int, d_sae: int, **kwargs: Any) -> _Config:
+        """Make a config from the state shape, filling ``d_in = d_k * d_v``.
+
+        Args:
+            d_k: Key dimension.
+            d_v: Value dimension.
+            d_sae: Number of atoms.
+            **kwargs: Any other config field (``k``, ``rank``, ``variant``, ``metadata``, ...).
+        """
+        return cls(d_in=d_k * d_v, d_sae=d_sae, d_k=d_k, d_v=d_v, **kwargs)
+
+    def _coerce_metadata(self) -> None:
+        # SAELens' from_dict passes metadata as a plain dict before replacing it.
+        if isinstance(self.metadata, dict):  # type: ignore[attr-defined]
+            self.metadata = SAEMetadata(**self.metadata)  # type: ignore[attr-defined]
 
 
 def _validate(cfg: Any) -> None:
@@ -123,8 +143,8 @@ def _validate(cfg: Any) -> None:
         raise NotImplementedError(
             f"WriteSAE supports normalize_activations='none' only (got "
             f"{cfg.normalize_activations!r}): run-time norms and whitening act on the flattened vector "
-            "and would not keep atoms rank-r. Centre with input_mean='fixed' or scale the data "
-            "before training instead."
+            "and would not keep atoms rank-r. Centre with input_mean='fixed', and scale with "
+            "TrainerConfig(input_scaling='unit_mean_square') instead."
         )
     if cfg.reshape_activations != "none":
         raise ValueError(
@@ -143,7 +163,7 @@ class WriteSAEConfig(SAEConfig, _WriteFields):
 
     # SAELens' default; here it means "centre with the learned b_dec" (see module docstring).
     apply_b_dec_to_input: bool = True
-    # SAELens' from_dict passes a plain dict here before replacing it; accept and convert it.
+    # SAELens' from_dict passes a plain dict here (see _coerce_metadata).
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
 
     @override
@@ -153,22 +173,9 @@ class WriteSAEConfig(SAEConfig, _WriteFields):
 
     @override
     def __post_init__(self) -> None:
-        if isinstance(self.metadata, dict):
-            self.metadata = SAEMetadata(**self.metadata)
+        self._coerce_metadata()
         super().__post_init__()
         _validate(self)
-
-    @classmethod
-    def build(cls, *, d_k: int, d_v: int, d_sae: int, **kwargs: Any) -> WriteSAEConfig:
-        """Make a config from the state shape, filling ``d_in = d_k * d_v``.
-
-        Args:
-            d_k: Key dimension.
-            d_v: Value dimension.
-            d_sae: Number of atoms.
-            **kwargs: Any other config field (``k``, ``rank``, ``variant``, ``metadata``, ...).
-        """
-        return cls(d_in=d_k * d_v, d_sae=d_sae, d_k=d_k, d_v=d_v, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -194,14 +201,8 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
 
     @override
     def __post_init__(self) -> None:
-        if isinstance(self.metadata, dict):
-            self.metadata = SAEMetadata(**self.metadata)
+        self._coerce_metadata()
         _validate(self)
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0 (got {self.k_aux}); 0 turns the AuxK loss off.")
         super().__post_init__()
-
-    @classmethod
-    def build(cls, *, d_k: int, d_v: int, d_sae: int, **kwargs: Any) -> WriteTrainingSAEConfig:
-        """Make a training config from the state shape, filling ``d_in = d_k * d_v``."""
-        return cls(d_in=d_k * d_v, d_sae=d_sae, d_k=d_k, d_v=d_v, **kwargs)

@@ -63,6 +63,8 @@ T_WRITE_SAE = TypeVar("T_WRITE_SAE", bound="WriteSAE")
 FactorPair = tuple[Float[Tensor, "*batch d_k"], Float[Tensor, "*batch d_v"]]
 # The same with the leading axes flattened into one (what the internals pass around).
 FlatPair = tuple[Float[Tensor, "b d_k"], Float[Tensor, "b d_v"]]
+# Weights in the input's units: an SAE trained on c * S acts on S once these are divided by c.
+INPUT_SCALED = ("b_enc", "b_dec", "input_mean", "topk_threshold")
 
 
 class Encoded(NamedTuple):
@@ -304,7 +306,7 @@ class WriteSAEMixin:
         """
         if not scaling_factor > 0:
             raise ValueError(f"scaling_factor must be positive (got {scaling_factor}).")
-        for name in ("b_enc", "b_dec", "input_mean", "topk_threshold"):
+        for name in INPUT_SCALED:
             if hasattr(self, name):
                 getattr(self, name).div_(scaling_factor)
 

@@ -52,6 +52,7 @@ from writesae.io import (
     write_sae_files,
 )
 from writesae.resample import resample_dead_atoms
+from writesae.sae import INPUT_SCALED
 from writesae.training_sae import LossOutput, WriteTrainingSAE
 
 TRAINER_STATE_JSON = "trainer_state.json"
@@ -337,12 +338,7 @@ class WriteSAETrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:
-            if self.cfg.input_scaling == "unit_mean_square":
-                self.input_scale = self._estimate_input_scale()
-            else:
-                self._warn_if_far_from_unit_scale()
-            if self.sae.cfg.input_mean == "fixed" and self.cfg.estimate_input_mean:
-                self._estimate_input_mean()
+            self._prepare_inputs()
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE")
         while self.step < self.total_steps:
@@ -403,26 +399,45 @@ class WriteSAETrainer:
     def _raw_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the SAE's weights for raw (unscaled) data."""
         state = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
-        for name in ("b_enc", "b_dec", "input_mean", "topk_threshold"):
+        for name in INPUT_SCALED:
             if name in state:
                 state[name] /= self.input_scale
         return state
 
-    def _estimate_input_scale(self) -> float:
-        """``1 / sqrt(mean ||S||_F^2)`` over the training data (or its first ``mean_samples``)."""
-        total, n = 0.0, 0
+    def _prepare_inputs(self) -> None:
+        """Set ``input_scale`` and the fixed ``input_mean`` from one pass over the training data
+        (or its first ``mean_samples``), as the configuration asks; warn about raw data far from
+        unit scale."""
+        scale = self.cfg.input_scaling == "unit_mean_square"
+        mean = self.sae.cfg.input_mean == "fixed" and self.cfg.estimate_input_mean
+        if not scale:
+            self._warn_if_far_from_unit_scale()
+        if not (scale or mean):
+            return
+        d_k, d_v = self.sae.cfg.d_k, self.sae.cfg.d_v
+        sq_norms, total, n = 0.0, torch.zeros(d_k, d_v, dtype=torch.float64), 0
         for batch in self.train_source.batches(0, self.cfg.batch_size):
-            if isinstance(batch, tuple):  # ||k u^T||_F = ||k|| ||u||
-                total += float((batch[0].double().norm(dim=-1) * batch[1].double().norm(dim=-1)).pow(2).sum())
-                n += batch[0].shape[0]
+            if isinstance(batch, tuple):  # writes k u^T: ||k u^T||_F = ||k|| ||u||
+                keys, values = batch[0].double(), batch[1].double()
+                sq_norms += float((keys.norm(dim=-1) * values.norm(dim=-1)).pow(2).sum())
+                if mean:
+                    total += (keys.T @ values).cpu()
+                n += keys.shape[0]
             else:
-                total += float(batch.double().pow(2).sum())
-                n += batch.shape[0]
+                states = batch.double().reshape(-1, d_k, d_v)
+                sq_norms += float(states.pow(2).sum())
+                if mean:
+                    total += states.sum(0).cpu()
+                n += states.shape[0]
             if self.cfg.mean_samples is not None and n >= self.cfg.mean_samples:
                 break
-        if n == 0 or not total > 0:
-            raise ValueError("input_scaling='unit_mean_square' needs training data that are not all zero.")
-        return (total / n) ** -0.5
+        if scale:
+            if n == 0 or not sq_norms > 0:
+                raise ValueError("input_scaling='unit_mean_square' needs training data that are not all zero.")
+            self.input_scale = (sq_norms / n) ** -0.5
+        if mean:
+            with torch.no_grad():  # in the units training sees
+                self.sae.input_mean.copy_(total / max(n, 1) * self.input_scale)
 
     def _warn_if_far_from_unit_scale(self) -> None:
         first = next(iter(self.train_source.batches(0, self.cfg.batch_size)), None)
@@ -436,24 +451,8 @@ class WriteSAETrainer:
             warnings.warn(
                 f"the training samples have mean squared Frobenius norm {mean_square:.2g}, far from 1: "
                 "with raw data most atoms may die; consider TrainerConfig(input_scaling='unit_mean_square').",
-                stacklevel=3,
+                stacklevel=4,
             )
-
-    def _estimate_input_mean(self) -> None:
-        d_k, d_v = self.sae.cfg.d_k, self.sae.cfg.d_v
-        total, n = torch.zeros(d_k, d_v, dtype=torch.float64), 0
-        for raw in self.train_source.batches(0, self.cfg.batch_size):
-            batch = self._to_device(raw)  # in the units training sees
-            if isinstance(batch, tuple):
-                total += (batch[0].double().T @ batch[1].double()).cpu()
-                n += batch[0].shape[0]
-            else:
-                total += batch.double().reshape(-1, d_k, d_v).sum(0).cpu()
-                n += batch.shape[0]
-            if self.cfg.mean_samples is not None and n >= self.cfg.mean_samples:
-                break
-        with torch.no_grad():
-            self.sae.input_mean.copy_(total / max(n, 1))
 
     # ------------------------------------------------------------------ log
 

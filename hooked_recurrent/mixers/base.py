@@ -216,31 +216,21 @@ class MatrixRecurrentMixer(nn.Module):
     def _fire_state_hooks(self, group: _LaneGroup, heads: list[int], batch: int) -> Bool[Tensor, "batch head"]:
         """Fire the state hooks one by one, recomputing later states after each edit."""
         edited = torch.zeros(batch, self.n_heads, dtype=torch.bool, device=group.device)
-        if self.hook_state.has_fwd_hooks():
-            for apply, observes in self.hook_state.iter_forward_hooks():
-                view = group.states_by_head(batch, self.n_heads)  # [batch pos head d_k d_v]
-                if observes:
-                    apply(view)
-                    continue
-                before = view.clone()
-                after = apply(view)
-                changed = changed_mask(before, after, 2)
-                if changed is not None:
-                    group.replace_states(changed.permute(0, 2, 1), after.permute(0, 2, 1, 3, 4))
-                    edited |= changed.any(1)
+
+        def replace_all(changed: Tensor, after: Tensor) -> None:  # changed [batch pos head]
+            group.replace_states(changed.permute(0, 2, 1), after.permute(0, 2, 1, 3, 4))
+            edited.logical_or_(changed.any(1))
+
+        # [batch pos head d_k d_v]
+        _apply_one_by_one(self.hook_state, lambda: group.states_by_head(batch, self.n_heads), replace_all)
         for h in heads:
-            hooks = self.heads[h]
-            for apply, observes in hooks.hook_state.iter_forward_hooks():
-                view = group.head_states(h, batch)  # [batch pos d_k d_v]
-                if observes:
-                    apply(view)
-                    continue
-                before = view.clone()
-                after = apply(view)
-                changed = changed_mask(before, after, 2)
-                if changed is not None:
-                    group.replace_head_states(h, changed, after)
-                    edited[:, h] |= changed.any(1)
+
+            def replace_head(changed: Tensor, after: Tensor, h: int = h) -> None:  # changed [batch pos]
+                group.replace_head_states(h, changed, after)
+                edited[:, h] |= changed.any(1)
+
+            # [batch pos d_k d_v]
+            _apply_one_by_one(self.heads[h].hook_state, lambda h=h: group.head_states(h, batch), replace_head)
         return edited
 
 
@@ -415,3 +405,20 @@ class _LaneGroup:
         if finals is not None:
             keep, b, h = finals
             final[b, h] = self.result.final_state[keep].to(final.dtype)
+
+
+def _apply_one_by_one(
+    hook_point: HookPoint, view: Callable[[], Tensor], replace: Callable[[Tensor, Tensor], None]
+) -> None:
+    """Apply a state hook point's hooks in turn, each to a fresh ``view()`` (so it sees the
+    states recomputed after earlier edits), and hand each edit to ``replace(changed, after)``."""
+    for apply, observes in hook_point.iter_forward_hooks():
+        current = view()
+        if observes:
+            apply(current)
+            continue
+        before = current.clone()
+        after = apply(current)
+        changed = changed_mask(before, after, 2)
+        if changed is not None:
+            replace(changed, after)

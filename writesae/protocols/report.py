@@ -77,9 +77,6 @@ class RunDir:
         _atomic_write(path, "\n".join(lines))
         return path
 
-    def figure_path(self, name: str) -> Path:
-        return self.path / name
-
     def save_figure(self, figure: Any, name: str) -> str:
         """Save a matplotlib figure as PNG (atomically) and close it; returns the file name."""
         import matplotlib.pyplot as plt
