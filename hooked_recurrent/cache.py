@@ -25,17 +25,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from .files import atomic_save_safetensors
 
 if TYPE_CHECKING:
     from .model import HookedRecurrentModel
@@ -286,15 +286,7 @@ class RecurrentCache(DynamicCache):
             "layers": layers_meta,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"hooked_recurrent": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_save_safetensors(tensors, path, metadata={"hooked_recurrent": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: HookedRecurrentModel) -> RecurrentCache:

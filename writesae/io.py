@@ -4,11 +4,9 @@ A WriteSAE directory holds SAELens' two files, ``cfg.json`` and ``sae_weights.sa
 ``cfg.json`` also records ``weights_sha256`` (a top-level key SAELens ignores), so a flipped byte in the
 weights is caught, not only a truncated file.
 
-Atomicity: ``write_atomic_dir`` writes everything into a fresh sibling directory, flushes it to disk,
-then renames it into place. A crash while writing leaves the old directory untouched (plus a hidden
-``.NAME.tmp-*`` sibling). Replacing an existing directory takes two renames (old out of the way, new
-in); a crash exactly between them leaves no ``NAME`` but a complete ``.NAME.old-*`` sibling, which
-``check_sae_dir`` points to. A half-written ``NAME`` is never visible.
+Atomicity: ``write_atomic_dir`` goes through `hooked_recurrent.files.atomic_dir` (fill a hidden sibling,
+flush, rename into place), so a half-written SAE directory is never visible; ``check_sae_dir`` points
+to a complete ``.NAME.old-*`` sibling left by a crash between the two renames of a replace.
 """
 
 from __future__ import annotations
@@ -16,10 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+from hooked_recurrent.files import atomic_dir
 
 WEIGHTS_SHA256_KEY = "weights_sha256"
 
@@ -43,65 +39,13 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------- writing
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (or copy) entries of ``old`` that ``new`` does not have, e.g. a sparsity file."""
-    for entry in old.iterdir():
-        dest = new / entry.name
-        if dest.exists() or entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dest)
-            continue
-        try:
-            os.link(entry, dest)
-        except OSError:
-            shutil.copy2(entry, dest)
-
-
 def write_atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Create or replace directory ``target`` atomically.
-
-    Args:
-        target: The directory to create or replace. Files already in it that ``write`` does not
-            produce are kept (as SAELens' ``save_model`` keeps them).
-        write: Called with an empty temporary directory to fill.
-
-    Returns:
-        ``target`` as a ``Path``.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
+    """Create or replace directory ``target`` atomically (`hooked_recurrent.files.atomic_dir`),
+    keeping files of an existing ``target`` that ``write`` does not produce (as SAELens'
+    ``save_model`` keeps them); a file in the way is a `CheckpointError`."""
+    if Path(target).exists() and not Path(target).is_dir():
         raise CheckpointError(f"{target} exists and is not a directory; choose another path.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            _carry_over(target, tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_path(f)
-        _fsync_path(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_path(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    return atomic_dir(target, write)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,33 +41,15 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from hooked_recurrent.files import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["collect", "WriteStore", "StoreSource"]
 
 Kind = Literal["state", "write"]
 _FORMAT = "writesae.WriteStore/1"
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _cell(layer: int, head: int) -> str:
@@ -207,7 +188,7 @@ def collect(
         cell = cells.setdefault(_cell(layer, head), {"layer": layer, "head": head})
         cell[split] = {"shards": buffer.shards, "samples": buffer.written}
     if center:
-        _atomic_save({f"{_cell(*cell)}": total / count for cell, (total, count) in sums.items()}, out / "mean.safetensors")
+        atomic_save_safetensors({f"{_cell(*cell)}": total / count for cell, (total, count) in sums.items()}, out / "mean.safetensors")
     manifest = {
         "format": _FORMAT,
         "kind": kind,
@@ -233,7 +214,7 @@ def collect(
         "centered": center,
         "cells": cells,
     }
-    _atomic_write_text(json.dumps(manifest, indent=2), out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return WriteStore(out)
 
 
@@ -252,7 +233,7 @@ def _flush(out: Path, split: str, layer: int, head: int, buffer: _Buffer, shard_
     take = min(shard_size, buffer.count)
     shard = {k: v[:take] for k, v in merged.items()}
     rest = {k: v[take:] for k, v in merged.items()}
-    _atomic_save(shard, out / split / _cell(layer, head) / f"shard_{buffer.shards:05d}.safetensors")
+    atomic_save_safetensors(shard, out / split / _cell(layer, head) / f"shard_{buffer.shards:05d}.safetensors")
     buffer.shards += 1
     buffer.written += take
     buffer.count -= take

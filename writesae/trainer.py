@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from hooked_recurrent.files import atomic_write_text
 
 from writesae.data import Batch, WriteSource, as_source
 from writesae.io import (
@@ -470,9 +471,7 @@ class WriteSAETrainer:
         path = self.out_dir / LOG_FILENAME
         lines = path.read_text().splitlines()
         kept = [line for line in lines if line and json.loads(line)["step"] <= self.step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -17,14 +17,14 @@ and whatever the caller adds). Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from hooked_recurrent.files import atomic_save_safetensors
 
 _FORMAT = "hooked-recurrent-resume-v1"
 
@@ -89,9 +89,7 @@ def save_checkpoint(path: pathlib.Path, model: torch.nn.Module, optimizer: torch
     rng_tensors, rng_scalars = _rng_state()
     tensors |= optim_tensors | rng_tensors
     header = {"format": _FORMAT, "state": state, "param_groups": groups, "rng": rng_scalars}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(header)})
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, metadata={"state": json.dumps(header)})
 
 
 def load_checkpoint(path: pathlib.Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import platform
 
+from hooked_recurrent.files import atomic_write_bytes
 from hooked_recurrent.pretrained.corpus import is_validation, stdlib_root
 
 SAMPLE_SOURCE = "random.py"
@@ -62,9 +62,7 @@ def write_sample() -> dict:
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     for path, payload in ((SAMPLE_PATH, data), (SAMPLE_INFO_PATH, (json.dumps(info, indent=2) + "\n").encode())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, payload)
     return info
 
 

@@ -14,36 +14,15 @@ Files are written atomically (write, then rename): an interrupted run never leav
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hooked_recurrent.files import atomic_write, atomic_write_text
+from writesae.outputs import jsonable
+
 __all__ = ["RunDir", "jsonable"]
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values from numbers, tensors, numpy scalars, dataclasses and containers."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "__dataclass_fields__"):
-        return jsonable(vars(value))
-    return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -59,12 +38,12 @@ class RunDir:
 
     def write_records(self, records: Iterable[dict[str, Any]], name: str = "records.jsonl") -> Path:
         path = self.path / name
-        _atomic_write(path, "".join(json.dumps(jsonable(r)) + "\n" for r in records))
+        atomic_write_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in records))
         return path
 
     def write_summary(self, summary: dict[str, Any], name: str = "summary.json") -> Path:
         path = self.path / name
-        _atomic_write(path, json.dumps(jsonable(summary), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(jsonable(summary), indent=2) + "\n")
         return path
 
     def write_report(self, title: str, sections: list[tuple[str, str]], plots: list[str] = ()) -> Path:
@@ -74,19 +53,17 @@ class RunDir:
         for plot in plots:
             lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
         path = self.path / "report.md"
-        _atomic_write(path, "\n".join(lines))
+        atomic_write_text(path, "\n".join(lines))
         return path
 
     def save_figure(self, figure: Any, name: str) -> str:
         """Save a matplotlib figure as PNG (atomically) and close it; returns the file name."""
         import matplotlib.pyplot as plt
 
-        path = self.path / name
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=name, suffix=".png")
-        os.close(fd)
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        os.replace(tmp, path)
+        try:
+            atomic_write(self.path / name, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        finally:
+            plt.close(figure)
         return name
 
 
