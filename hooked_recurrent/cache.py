@@ -4,7 +4,7 @@ Per layer it holds the recurrent state and the short-convolution state (matrix-r
 or the keys and values (attention layers), plus the position it has reached and the attention
 mask seen so far. It is a transformers ``DynamicCache`` (the HF model reads and updates it as
 usual), with what interpretability work needs on top: independent copies, per-layer and per-head
-state access in the key-by-value layout of DESIGN §2, batch tiling for forks, and safetensors files.
+state access in the key-by-value layout of docs/design.md §2, batch tiling for forks, and safetensors files.
 
 Example:
     >>> import torch

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint as _TLHookPoint
 
@@ -158,11 +159,24 @@ def changed_mask(before: Tensor, after: Tensor, n_trailing: int) -> Tensor | Non
         n_trailing: How many trailing dimensions belong to one item (e.g. 2 for ``d_k d_v``).
 
     Returns:
-        A bool tensor over the leading dimensions, or None when the tensors are equal.
+        A bool tensor over the leading dimensions, or None when the tensors (and their
+        forward-mode tangents, if any) are equal.
     """
-    if after is before or torch.equal(after, before):
+    if after is before:
         return None
-    diff = after != before
+    tangents = fwAD.unpack_dual(before).tangent, fwAD.unpack_dual(after).tangent
+    if tangents == (None, None):
+        if torch.equal(after, before):
+            return None
+        diff = after != before
+    else:
+        # Under forward-mode AD an edit may change only the derivative (the edit of
+        # `hooked_recurrent.linear_response` adds a zero value with a nonzero tangent): that is a
+        # change too, or the recurrence would not carry the tangent to later positions.
+        t_before, t_after = (torch.zeros_like(before) if t is None else t for t in tangents)
+        diff = (after != before) | (t_after != t_before)
+        if not diff.any():
+            return None
     return diff.flatten(-n_trailing).any(-1) if n_trailing > 0 else diff
 
 

@@ -1,4 +1,4 @@
-"""The matrix recurrence that every supported mixer is written in (DESIGN §2).
+"""The matrix recurrence that every supported mixer is written in (docs/design.md §2).
 
 Per lane (one batch element and one head) the state is a matrix ``S`` of shape ``[d_k, d_v]``::
 

@@ -1,6 +1,6 @@
 """Independent float64 references, written from the equations (not by calling the code under test).
 
-DESIGN §2, per batch element and head, state S of shape [d_k, d_v]::
+docs/design.md §2, per batch element and head, state S of shape [d_k, d_v]::
 
     S_t = D_t(S_{t-1}) + W_t,      W_t = k_t u_t^T,      o_t = S_t^T q_t
     Gated DeltaNet: D_t(S) = alpha_t (S - beta_t k_t (k_t^T S)), u_t = beta_t v_t, alpha_t = exp(g_t)

@@ -1,12 +1,12 @@
 """WriteSAE configuration: the SAELens config plus the shape of one recurrent-state head.
 
-The state of one head is a ``[d_k, d_v]`` matrix (key rows, value columns; see DESIGN.md §2). SAELens
+The state of one head is a ``[d_k, d_v]`` matrix (key rows, value columns; see docs/design.md §2). SAELens
 thinks in flat vectors of length ``d_in``; we keep ``d_in = d_k * d_v`` with the row-major flattening
 ``vec(S)[i * d_v + j] = S[i, j]`` (what ``torch.reshape`` does), so a WriteSAE and a flat SAELens SAE
 agree on what a flattened state means.
 
 Every place where the WriteSAE paper (arXiv 2605.12770) and its code disagree is a field here, with
-the choice written next to it (DESIGN.md §5):
+the choice written next to it (docs/design.md §5):
 
 - ``variant``: which encoder/decoder pair. ``"bilinear"`` (matched-filter encoder, rank-r decoder) is the
   WriteSAE of the paper's README/model card and of all headline numbers; the paper's App. J "dense-encoder

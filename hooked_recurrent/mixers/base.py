@@ -3,7 +3,7 @@
 A mixer (Gated DeltaNet, Mamba-2) computes its per-position inputs, then hands this class two
 callables: one that runs the architecture's own fast kernel (exact with Hugging Face, and the one
 that runs when nobody looks at the writes or states), and one that returns the per-position
-factors of DESIGN §2 (read query, write key, write value, log-decay, erase). Everything below is
+factors of docs/design.md §2 (read query, write key, write value, log-decay, erase). Everything below is
 mixer-agnostic: which hooks fire, which lanes (batch element x head) were edited, and how the
 recurrence is recomputed for exactly those lanes.
 
@@ -38,7 +38,7 @@ __all__ = ["RecurrenceFactors", "HeadHooks", "MatrixRecurrentMixer"]
 
 @dataclass
 class RecurrenceFactors:
-    """The DESIGN §2 factors of every position, in the compute dtype.
+    """The docs/design.md §2 factors of every position, in the compute dtype.
 
     Attributes:
         query: Read queries ``q_t``.
