@@ -25,7 +25,9 @@ def test_demo_pipeline_writes_every_result(model, tmp_path):
 
 
 def test_cli_errors_are_short_and_name_the_problem(tmp_path, capsys):
-    assert main(["train", str(tmp_path / "missing"), "--layer", "1", "--head", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "not a WriteStore" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path / "missing"), "--layer", "1", "--head", "0", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "argument store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["collect"])  # argparse explains the missing arguments

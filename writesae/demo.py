@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from hooked_recurrent.files import atomic_write_text
+from writesae.outputs import OutputMode, prepare_output_dir
+
 __all__ = ["run_demo", "DEMO_SIZES"]
 
 DEMO_SIZES = dict(
@@ -51,11 +54,17 @@ def run_demo(
     sizes: dict[str, int] | None = None,
     input: str = "write",
     threads: int | None = 1,
+    mode: OutputMode = "new",
 ) -> dict[str, Any]:
     """Run the pipeline and return (and print) the headline figures.
 
     ``threads`` defaults to 1: the demo's model is small, and on a machine shared with other jobs
     extra OpenMP threads mostly wait for each other (None keeps torch's setting).
+
+    ``mode`` is the output folder's policy (`writesae.outputs.prepare_output_dir`): ``"new"``
+    refuses a folder holding files; ``"resume"`` continues an interrupted demo (the store and the
+    training from their checkpoints; the protocols run again) and ends with the figures of an
+    uninterrupted run; ``"overwrite"`` starts afresh.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -70,10 +79,7 @@ def run_demo(
 
     sizes = {**DEMO_SIZES, **(sizes or {})}
     start = time.time()
-    out = Path(out_dir)
-    if (out / "store").exists():
-        shutil.rmtree(out / "store")  # a fresh capture each run; the other outputs are overwritten
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir, mode, what="demo run")
     torch.manual_seed(seed)
     model = HookedRecurrentModel.from_pretrained(model_name, device="cpu")
     cfg = model.cfg
@@ -84,12 +90,18 @@ def run_demo(
     _log(f"{model_name}: {cfg.architecture}, layers {cfg.layer_types}; cell L{layer} H{head}, state {cfg.d_k}x{cfg.d_v}", start)
 
     train_tokens = token_blocks(model, "stdlib", split="train", n_sequences=sizes["store_sequences"], seq_len=sizes["seq_len"], seed=seed)
-    store = collect(model, train_tokens, layers=[layer], heads=[head], kind=input, out_dir=out / "store", skip_first=1, verbose=False)
+    store = collect(model, train_tokens, layers=[layer], heads=[head], kind=input, out_dir=out / "store", skip_first=1,
+                    verbose=False, mode=_stage_mode(out / "store", mode))
     _log(f"captured {store.num_samples(layer, head, 'train')} train / {store.num_samples(layer, head, 'val')} val {input}s", start)
 
     trainer = TrainerConfig(epochs=sizes["epochs"], batch_size=128, lr=2e-3, warmup_steps=20, progress=False, out_dir=out / "training",
                             input_scaling="unit_mean_square")
-    sae, metrics = train_on_store(store, layer, head, d_sae=sizes["d_sae"], k=sizes["k"], trainer=trainer, seed=seed)
+    resume_from = out / "training" / "checkpoint"
+    if not resume_from.is_dir():  # nothing to continue (a new run, or one stopped before its first checkpoint)
+        shutil.rmtree(out / "training", ignore_errors=True)
+        resume_from = None
+    sae, metrics = train_on_store(store, layer, head, d_sae=sizes["d_sae"], k=sizes["k"], trainer=trainer, seed=seed,
+                                  resume_from=resume_from)
     sae.save_model(out / "sae")
     _log(f"WriteSAE d_sae={sizes['d_sae']} k={sizes['k']}: val explained variance {metrics['val_explained_variance']:.3f}, "
          f"dead {metrics['val_dead_fraction']:.1%}", start)
@@ -145,9 +157,15 @@ def run_demo(
         "install_pooled": pooled,
         "seconds": round(time.time() - start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(headline, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(headline, indent=2, default=str))
     _log(f"all results under {out}/ (summary.json, substitution/, logit_shift_*/, install/, sae/, store/)", start)
     return headline
+
+
+def _stage_mode(path: Path, mode: OutputMode) -> OutputMode:
+    """A stage folder continues when the demo resumes and the stage had started; else it is new."""
+    started = path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
+    return "resume" if mode == "resume" and started else "new"
 
 
 @torch.no_grad()

@@ -25,6 +25,9 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from hooked_recurrent.files import atomic_dir
 
 WEIGHTS_SHA256_KEY = "weights_sha256"
+# The architecture written into a training checkpoint's cfg.json: no SAE class loads it, so a
+# checkpoint (scaled units, optimizer state beside it) is never taken for an inference SAE.
+CHECKPOINT_ARCHITECTURE = "write_sae_training_checkpoint"
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -62,7 +65,17 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_sae_files(directory: Path, state_dict: dict[str, torch.Tensor], cfg_dict: dict[str, Any]) -> None:
-    """Write ``sae_weights.safetensors`` then ``cfg.json`` (with the weights' SHA-256) into ``directory``."""
+    """Write ``sae_weights.safetensors`` then ``cfg.json`` (with the weights' SHA-256) into ``directory``.
+
+    Raises:
+        CheckpointError: a tensor holds NaN or inf (such weights are never written).
+    """
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"refusing to save non-finite weights: tensor {name!r} holds NaN or inf. If they come from "
+                "training, it diverged: lower the learning rate and train again."
+            )
     weights = directory / SAE_WEIGHTS_FILENAME
     save_file(_contiguous(state_dict), weights)
     cfg = {**cfg_dict, WEIGHTS_SHA256_KEY: sha256_file(weights)}
@@ -159,8 +172,13 @@ def _interrupted_save_hint(path: Path) -> str:
     )
 
 
-def check_sae_dir(path: str | Path) -> dict[str, Any]:
+def check_sae_dir(path: str | Path, checkpoint: bool = False) -> dict[str, Any]:
     """Check a saved SAE directory before loading it; returns the parsed ``cfg.json``.
+
+    Args:
+        path: The directory.
+        checkpoint: Expect a training checkpoint (``WriteSAETrainer``'s ``checkpoint/``) rather
+            than an inference SAE.
 
     Raises:
         CheckpointError: naming the file and what is wrong.
@@ -178,6 +196,18 @@ def check_sae_dir(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{cfg_path}: corrupted: not a JSON object with an 'architecture' key; re-save the SAE."
         ) from None
+    is_checkpoint = cfg["architecture"] == CHECKPOINT_ARCHITECTURE
+    if is_checkpoint and not checkpoint:
+        raise CheckpointError(
+            f"{path} is a training checkpoint, not an SAE to use: its weights are in the units training saw "
+            "and it holds the optimizer's state. Load the trained SAE from the run's best/ or final/ folder "
+            "(writesae train: OUT/sae), or resume training from it."
+        )
+    if checkpoint and not is_checkpoint:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (architecture {cfg['architecture']!r}); resume from "
+            "OUT_DIR/checkpoint, not best/ or final/."
+        )
     weights = path / SAE_WEIGHTS_FILENAME
     read_safetensors_header(weights)
     recorded = cfg.get(WEIGHTS_SHA256_KEY)

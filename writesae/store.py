@@ -30,9 +30,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +43,13 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_recurrent.files import atomic_save_safetensors, atomic_write_text
+from hooked_recurrent.files import atomic_dir, atomic_save_safetensors, atomic_write_text
+
+from writesae.outputs import OutputMode, prepare_output_dir
 
 __all__ = ["collect", "WriteStore", "StoreSource"]
 
@@ -66,12 +71,17 @@ class _Buffer:
     written: int = 0
 
 
+_CHECKPOINT = "collect_checkpoint"
+_CHECKPOINT_STATE = "state.json"
+_CHECKPOINT_TENSORS = "pending.safetensors"
+
+
 def collect(
     model: Any,
     tokens: Int[Tensor, "n_seq pos"] | Iterable[Int[Tensor, "batch pos"]],
     *,
-    layers: Sequence[int],
-    heads: Sequence[int] | None = None,
+    layers: Sequence[int] | int,
+    heads: Sequence[int] | int | None = None,
     kind: Kind = "state",
     out_dir: str | os.PathLike,
     attention_mask: Int[Tensor, "n_seq pos"] | None = None,
@@ -84,101 +94,128 @@ def collect(
     dtype: torch.dtype = torch.float32,
     center: bool = False,
     verbose: bool = True,
+    mode: OutputMode = "new",
+    checkpoint_every: int = 16,
 ) -> WriteStore:
     """Capture states or writes of some (layer, head) cells into a sharded store.
 
+    Collection is resumable: every ``checkpoint_every`` batches the progress (samples not yet in a
+    shard, the running means, the subsampling generator) is saved atomically under
+    ``out_dir/collect_checkpoint/``; ``mode="resume"`` with the same arguments continues from there
+    and ends with the store an uninterrupted run writes, shard for shard.
+
     Args:
         model: A `HookedRecurrentModel`.
-        tokens: ``[n_seq, pos]`` token ids (or an iterable of such batches).
+        tokens: ``[n_seq, pos]`` token ids (or an iterable of such batches, the same on a resume).
         layers: Matrix-recurrent layers to capture.
         heads: Heads to capture (default: all).
         kind: ``"state"`` (``S_t`` after each write, the paper's input) or ``"write"`` (the native
             write as its factor pair ``(k_t, u_t)``).
-        out_dir: Directory of the store (created; must not hold another store).
+        out_dir: Directory of the store.
         attention_mask: 0 marks padding, which is never captured.
         positions_per_sequence: Keep this many random positions per sequence (seeded), or all.
         skip_first: Ignore the first positions of each sequence (short-context states).
         batch_size: Sequences per forward pass.
         shard_size: Samples per shard file.
-        val_fraction: Fraction of sequences held out for validation.
+        val_fraction: Fraction of sequences held out for validation, in (0, 1).
         seed: Seed of the split and of the position subsampling.
-        dtype: Dtype on disk.
+        dtype: Floating dtype on disk (``float32``, ``bfloat16``, ``float16``, ``float64``); values
+            it cannot hold (an overflow of float16) are refused, not rounded to inf.
         center: Also store the mean training sample of each cell (paper §2.1 mean-centering).
         verbose: Show a progress bar.
+        mode: ``"new"`` (refuse a folder holding files), ``"resume"`` or ``"overwrite"``; see
+            `writesae.outputs.prepare_output_dir`.
+        checkpoint_every: Save the progress every this many batches.
 
     Returns:
         The opened `WriteStore`.
+
+    Raises:
+        ValueError: an argument out of range, non-finite activations, or a split with no sequence.
+        OutputExistsError: ``out_dir`` holds files and ``mode="new"``.
     """
     cfg = model.cfg
-    heads = list(range(cfg.n_heads)) if heads is None else list(heads)
-    for layer in layers:
-        if layer not in cfg.recurrent_layers:
-            raise ValueError(f"layer {layer} is not matrix-recurrent; recurrent layers: {cfg.recurrent_layers}")
-    for head in heads:
-        if not 0 <= head < cfg.n_heads:
-            raise ValueError(f"head {head} is out of range: the model has {cfg.n_heads} heads per layer")
-    out = Path(out_dir)
-    if (out / "manifest.json").exists():
-        raise FileExistsError(f"{out} already holds a store; choose a new directory (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    heads = list(range(cfg.n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+    settings = _check_collect_args(cfg, tokens, layers, heads, kind, positions_per_sequence, skip_first, batch_size,
+                                   shard_size, val_fraction, dtype, checkpoint_every)  # fmt: skip
+    settings.update(kind=kind, positions_per_sequence=positions_per_sequence, skip_first=skip_first,
+                    batch_size=batch_size, shard_size=shard_size, val_fraction=val_fraction, seed=seed, center=center,
+                    model=cfg.model_name)  # fmt: skip
+    out = prepare_output_dir(out_dir, mode, what="store")
+    if mode == "resume" and (out / "manifest.json").exists():
+        store = WriteStore(out)
+        _check_same_settings(store.manifest.get("settings", {}), settings, out / "manifest.json")
+        return store
 
-    batches = _batches(tokens, attention_mask, batch_size)
     n_seq_known = tokens.shape[0] if isinstance(tokens, Tensor) else None
     buffers: dict[tuple[str, int, int], _Buffer] = {}
-    sums: dict[tuple[int, int], Tensor] = {}
+    sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
     counts = {"train": 0, "val": 0}
     generator = torch.Generator().manual_seed(seed)
-    sequence_offset = 0
-    progress = tqdm(total=n_seq_known, disable=not verbose, desc=f"collecting {kind}s", unit="seq")
-
-    names: list[str] = []
-    for layer in layers:
-        if kind == "state":
-            names += [cfg.hook_name(layer, f"heads.{h}.hook_state") for h in heads]
-        else:
-            names += [cfg.hook_name(layer, "hook_write_key"), cfg.hook_name(layer, "hook_write_value")]
-
-    for batch_tokens, batch_mask in batches:
-        n = batch_tokens.shape[0]
-        sequence_ids = torch.arange(sequence_offset, sequence_offset + n)
-        sequence_offset += n
-        is_val = _is_validation(sequence_ids, val_fraction, seed)
-        with torch.no_grad():
-            _, acts = model.run_with_cache(
-                batch_tokens,
-                attention_mask=batch_mask,
-                names_filter=names,
-                stop_at_layer=max(layers) + 1,
-                return_cache_object=False,
-            )
-        keep = _kept_positions(batch_mask, batch_tokens.shape, positions_per_sequence, skip_first, generator)
-        seq_index, pos_index = keep.nonzero(as_tuple=True)
+    done = {"batches": 0, "sequences": 0}
+    if mode == "resume":
+        _restore(out, settings, buffers, sums, counts, generator, done)
+    sequence_offset = done["sequences"]
+    with tqdm(total=n_seq_known, initial=sequence_offset, disable=not verbose, desc=f"collecting {kind}s", unit="seq") as progress:
+        names: list[str] = []
         for layer in layers:
-            for head in heads:
-                if kind == "state":
-                    samples = {"states": acts[cfg.hook_name(layer, f"heads.{head}.hook_state")][seq_index, pos_index]}
-                else:
-                    samples = {
-                        "keys": acts[cfg.hook_name(layer, "hook_write_key")][seq_index, pos_index, head],
-                        "values": acts[cfg.hook_name(layer, "hook_write_value")][seq_index, pos_index, head],
-                    }
-                samples["sequence"] = sequence_ids[seq_index.cpu()]
-                samples["position"] = pos_index.cpu()
-                val_rows = is_val[seq_index.cpu()]
-                for split, rows in (("train", ~val_rows), ("val", val_rows)):
-                    part = {k: v[rows.to(v.device)].detach().cpu() for k, v in samples.items()}
-                    part = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()}
-                    if split == "train" and center:
-                        _accumulate_mean(sums, (layer, head), part, kind)
-                    buffer = buffers.setdefault((split, layer, head), _Buffer([]))
-                    buffer.parts.append(part)
-                    buffer.count += len(part["sequence"])
-                    while buffer.count >= shard_size:
-                        _flush(out, split, layer, head, buffer, shard_size)
-        counts["train"] += int((~is_val).sum())
-        counts["val"] += int(is_val.sum())
-        progress.update(n)
-    progress.close()
+            if kind == "state":
+                names += [cfg.hook_name(layer, f"heads.{h}.hook_state") for h in heads]
+            else:
+                names += [cfg.hook_name(layer, "hook_write_key"), cfg.hook_name(layer, "hook_write_value")]
+
+        for batch_tokens, batch_mask in itertools.islice(_batches(tokens, attention_mask, batch_size), done["batches"], None):
+            n = batch_tokens.shape[0]
+            sequence_ids = torch.arange(sequence_offset, sequence_offset + n)
+            sequence_offset += n
+            is_val = _is_validation(sequence_ids, val_fraction, seed)
+            with torch.no_grad():
+                _, acts = model.run_with_cache(
+                    batch_tokens,
+                    attention_mask=batch_mask,
+                    names_filter=names,
+                    stop_at_layer=max(layers) + 1,
+                    return_cache_object=False,
+                )
+            keep = _kept_positions(batch_mask, batch_tokens.shape, positions_per_sequence, skip_first, generator)
+            seq_index, pos_index = keep.nonzero(as_tuple=True)
+            for layer in layers:
+                for head in heads:
+                    if kind == "state":
+                        samples = {"states": acts[cfg.hook_name(layer, f"heads.{head}.hook_state")][seq_index, pos_index]}
+                    else:
+                        samples = {
+                            "keys": acts[cfg.hook_name(layer, "hook_write_key")][seq_index, pos_index, head],
+                            "values": acts[cfg.hook_name(layer, "hook_write_value")][seq_index, pos_index, head],
+                        }
+                    samples["sequence"] = sequence_ids[seq_index.cpu()]
+                    samples["position"] = pos_index.cpu()
+                    _check_samples(samples, dtype, layer, head)
+                    val_rows = is_val[seq_index.cpu()]
+                    for split, rows in (("train", ~val_rows), ("val", val_rows)):
+                        part = {k: v[rows.to(v.device)].detach().cpu() for k, v in samples.items()}
+                        part = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()}
+                        if split == "train" and center:
+                            _accumulate_mean(sums, (layer, head), part, kind)
+                        buffer = buffers.setdefault((split, layer, head), _Buffer([]))
+                        buffer.parts.append(part)
+                        buffer.count += len(part["sequence"])
+                        while buffer.count >= shard_size:
+                            _flush(out, split, layer, head, buffer, shard_size)
+            counts["train"] += int((~is_val).sum())
+            counts["val"] += int(is_val.sum())
+            done["batches"] += 1
+            done["sequences"] = sequence_offset
+            progress.update(n)
+            if done["batches"] % checkpoint_every == 0:
+                _save_progress(out, settings, buffers, sums, counts, generator, done)
+    for split in ("train", "val"):
+        if counts[split] == 0:
+            raise ValueError(
+                f"the {split} split holds no sequence ({done['sequences']} sequences, val_fraction={val_fraction}); "
+                "collect more sequences or change val_fraction"
+            )
     for (split, layer, head), buffer in buffers.items():
         while buffer.count:
             _flush(out, split, layer, head, buffer, shard_size)
@@ -213,9 +250,138 @@ def collect(
         "seed": seed,
         "centered": center,
         "cells": cells,
+        "settings": settings,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    shutil.rmtree(out / _CHECKPOINT, ignore_errors=True)
     return WriteStore(out)
+
+
+def _check_collect_args(
+    cfg: Any, tokens: Any, layers: list[int], heads: list[int], kind: str, positions_per_sequence: int | None,
+    skip_first: int, batch_size: int, shard_size: int, val_fraction: float, dtype: torch.dtype, checkpoint_every: int,
+) -> dict[str, Any]:
+    """Refuse arguments that would give an empty, wrong or unreadable store; returns the settings
+    a resumed collection must share."""
+    if not layers:
+        raise ValueError(f"layers=[] captures nothing; give matrix-recurrent layers from {cfg.recurrent_layers}")
+    for layer in layers:
+        if layer not in cfg.recurrent_layers:
+            raise ValueError(f"layer {layer} is not matrix-recurrent; recurrent layers: {cfg.recurrent_layers}")
+    if not heads:
+        raise ValueError(f"heads=[] captures nothing; give heads in 0..{cfg.n_heads - 1}, or None for all")
+    for head in heads:
+        if not 0 <= head < cfg.n_heads:
+            raise ValueError(f"head {head} is out of range: the model has {cfg.n_heads} heads per layer (0..{cfg.n_heads - 1})")
+    for name, values in (("layers", layers), ("heads", heads)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name}={values} repeats an entry; give each once")
+    if kind not in ("state", "write"):
+        raise ValueError(f"kind={kind!r}: give 'state' or 'write'")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("checkpoint_every", checkpoint_every),
+                        ("positions_per_sequence", positions_per_sequence)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r}: give a whole number >= 1")
+    if not isinstance(skip_first, int) or skip_first < 0:
+        raise ValueError(f"skip_first={skip_first!r}: give a whole number >= 0")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: give a fraction in (0, 1), e.g. 0.2")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"dtype={dtype}: a store holds real-valued states, which an integer dtype would round to zero; "
+            "use torch.float32 (or bfloat16/float16 to halve the size)"
+        )
+    if isinstance(tokens, Tensor):
+        if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens have shape {tuple(tokens.shape)}; give [n_seq, pos] with n_seq >= 1 and pos >= 1")
+        if skip_first >= tokens.shape[1]:
+            raise ValueError(
+                f"skip_first={skip_first} skips every position of sequences of {tokens.shape[1]} tokens; "
+                f"give skip_first < {tokens.shape[1]}"
+            )
+    return {"layers": layers, "heads": heads, "dtype": str(dtype).removeprefix("torch."),
+            "n_sequences": tokens.shape[0] if isinstance(tokens, Tensor) else None}  # fmt: skip
+
+
+def _check_same_settings(saved: dict[str, Any], settings: dict[str, Any], where: Path) -> None:
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise ValueError(
+                f"{where}: the store being resumed was collected with {key}={saved.get(key)!r}, this call has "
+                f"{value!r}; resume with the same arguments, or pass --overwrite (mode='overwrite') to start anew"
+            )
+
+
+def _check_samples(samples: dict[str, Tensor], dtype: torch.dtype, layer: int, head: int) -> None:
+    """Refuse non-finite activations, and values the store's dtype would turn into inf."""
+    for name, values in samples.items():
+        if not values.is_floating_point():
+            continue
+        finite = torch.isfinite(values).flatten(1).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"L{layer} H{head}: the model produced non-finite {name} at sequence {int(samples['sequence'][row])}, "
+                f"position {int(samples['position'][row])}; check the model's weights and dtype (float32 is safest)"
+            )
+        largest = float(values.abs().max()) if values.numel() else 0.0
+        if largest > torch.finfo(dtype).max:
+            raise ValueError(
+                f"L{layer} H{head}: {name} reach {largest:.3g}, beyond the largest {dtype} ({torch.finfo(dtype).max:.3g}); "
+                "collect with dtype=torch.float32 or torch.bfloat16 (--store-dtype float32)"
+            )
+
+
+def _save_progress(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, generator: torch.Generator,
+                   done: dict) -> None:  # fmt: skip
+    """Atomically save what a resumed collection needs (the shards on disk are already final)."""
+    tensors: dict[str, Tensor] = {"generator": generator.get_state()}
+    buffer_state = []
+    for (split, layer, head), buffer in buffers.items():
+        buffer_state.append({"split": split, "layer": layer, "head": head, "count": buffer.count,
+                             "shards": buffer.shards, "written": buffer.written})  # fmt: skip
+        if buffer.count:
+            for key in buffer.parts[0]:
+                tensors[f"pending/{split}/{layer}/{head}/{key}"] = torch.cat([p[key] for p in buffer.parts])
+    sum_state = []
+    for (layer, head), (total, count) in sums.items():
+        tensors[f"sum/{layer}/{head}"] = total
+        sum_state.append({"layer": layer, "head": head, "count": count})
+    state = {"settings": settings, "done": done, "counts": counts, "buffers": buffer_state, "sums": sum_state}
+
+    def write(directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / _CHECKPOINT_TENSORS))
+        (directory / _CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
+
+    atomic_dir(out / _CHECKPOINT, write)
+
+
+def _restore(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, generator: torch.Generator,
+             done: dict) -> None:  # fmt: skip
+    """Load the last progress checkpoint (none: start from the beginning) and drop shards written after it."""
+    checkpoint = out / _CHECKPOINT
+    state = None
+    if (checkpoint / _CHECKPOINT_STATE).exists():
+        state = json.loads((checkpoint / _CHECKPOINT_STATE).read_text())
+        _check_same_settings(state["settings"], settings, checkpoint / _CHECKPOINT_STATE)
+        tensors = _load(checkpoint / _CHECKPOINT_TENSORS)
+        generator.set_state(tensors["generator"])
+        done.update(state["done"])
+        counts.update(state["counts"])
+        for entry in state["buffers"]:
+            split, layer, head = entry["split"], entry["layer"], entry["head"]
+            prefix = f"pending/{split}/{layer}/{head}/"
+            parts = [{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}] if entry["count"] else []
+            buffers[(split, layer, head)] = _Buffer(parts, entry["count"], entry["shards"], entry["written"])
+        for entry in state["sums"]:
+            sums[(entry["layer"], entry["head"])] = (tensors[f"sum/{entry['layer']}/{entry['head']}"], entry["count"])
+    for split in ("train", "val"):
+        for cell_dir in (out / split).glob("L*_H*"):
+            layer, head = (int(x[1:]) for x in cell_dir.name.split("_"))
+            buffer = buffers.get((split, layer, head))
+            for shard in cell_dir.glob("shard_*.safetensors"):
+                if buffer is None or int(shard.stem.split("_")[1]) >= buffer.shards:
+                    shard.unlink()  # written after the checkpoint: the resumed run writes it again
 
 
 def _accumulate_mean(sums: dict, key: tuple[int, int], part: dict[str, Tensor], kind: Kind) -> None:
@@ -300,23 +466,29 @@ class WriteStore:
 
     def hook_name(self, layer: int) -> str:
         """The model hook point the samples of a layer came from (``...hook_state`` / ``...hook_write``)."""
+        if str(layer) not in self.manifest["hook_names"]:
+            raise KeyError(f"the store {self.path} has no layer {layer}; it has layers {self.manifest['layers']}")
         return self.manifest["hook_names"][str(layer)]
 
     @property
     def model_name(self) -> str:
         return self.manifest["model"]["name"]
 
-    def _shards(self, layer: int, head: int, split: str) -> list[Path]:
+    def _cell_entry(self, layer: int, head: int, split: str) -> dict[str, Any]:
         cell = _cell(layer, head)
         if cell not in self.manifest["cells"]:
             have = ", ".join(self.manifest["cells"])
-            raise KeyError(f"the store has no layer {layer} head {head}; it has {have}")
+            raise KeyError(f"the store {self.path} has no layer {layer} head {head}; it has {have}")
         if split not in ("train", "val"):
-            raise ValueError("split is 'train' or 'val'")
-        return sorted((self.path / split / cell).glob("shard_*.safetensors"))
+            raise ValueError(f"split={split!r}: give 'train' or 'val'")
+        return self.manifest["cells"][cell]
+
+    def _shards(self, layer: int, head: int, split: str) -> list[Path]:
+        self._cell_entry(layer, head, split)
+        return sorted((self.path / split / _cell(layer, head)).glob("shard_*.safetensors"))
 
     def num_samples(self, layer: int, head: int, split: str = "train") -> int:
-        return self.manifest["cells"][_cell(layer, head)].get(split, {}).get("samples", 0)
+        return self._cell_entry(layer, head, split).get(split, {}).get("samples", 0)
 
     def mean(self, layer: int, head: int) -> Float[Tensor, "d_k d_v"]:
         """The mean training sample of a cell (stored when collected with ``center=True``)."""
@@ -354,11 +526,25 @@ class WriteStore:
 
 
 def _load(path: Path) -> dict[str, Tensor]:
+    """A shard's tensors; a damaged file or a non-finite sample is refused, naming the shard and row."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises several types for damaged files
         raise OSError(f"cannot read store shard {path}: {err}. The file is damaged; re-run collect().") from err
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dim() > 0:
+            finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(1)
+            if not bool(finite.all()):
+                row = int((~finite).nonzero()[0])
+                where = ""
+                if "sequence" in tensors:
+                    where = f" (sequence {int(tensors['sequence'][row])}, position {int(tensors['position'][row])})"
+                raise ValueError(
+                    f"store shard {path}: row {row}{where} of {name!r} holds NaN or inf. The store is damaged or "
+                    "was collected from a broken model; collect it again."
+                )
+    return tensors
 
 
 class StoreSource:

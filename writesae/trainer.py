@@ -44,6 +44,7 @@ from hooked_recurrent.files import atomic_write_text
 
 from writesae.data import Batch, WriteSource, as_source
 from writesae.io import (
+    CHECKPOINT_ARCHITECTURE,
     CheckpointError,
     check_sae_dir,
     check_state_dict,
@@ -52,6 +53,7 @@ from writesae.io import (
     write_atomic_dir,
     write_sae_files,
 )
+from writesae.outputs import OutputExistsError
 from writesae.resample import resample_dead_atoms
 from writesae.sae import INPUT_SCALED
 from writesae.training_sae import LossOutput, WriteTrainingSAE
@@ -61,6 +63,11 @@ TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 LOG_FILENAME = "train_log.jsonl"
 # Trainer fields that fix the data order and the random draws; a resume must keep them.
 _RESUME_INVARIANTS = ("batch_size", "seed", "input_scaling")
+_CHECKPOINT_FORMAT = 2  # 2: the best weights travel in the checkpoint
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: the run diverged, or the data cannot be trained on."""
 
 
 @dataclass
@@ -141,10 +148,39 @@ class TrainerConfig:
             raise ValueError(
                 f"TrainerConfig.input_scaling must be 'none' or 'unit_mean_square' (got {self.input_scaling!r})."
             )
-        if not 0 < self.lr_min <= self.lr:
+        if not (math.isfinite(self.lr) and 0 < self.lr_min <= self.lr):
             raise ValueError(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min}).")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainerConfig.warmup_steps must be >= 0 (got {self.warmup_steps}).")
+
+
+def check_finite_batch(batch: Batch, where: str) -> None:
+    """Refuse a batch holding NaN or inf, naming ``where`` and the row.
+
+    Raises:
+        ValueError: naming the batch, the row and the fix.
+    """
+    for name, tensor in (("keys", batch[0]), ("values", batch[1])) if isinstance(batch, tuple) else (("states", batch),):
+        finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"{where}: row {row} of the {name} holds NaN or inf; remove such samples from the training data "
+                "(a store refuses them at collect time)."
+            )
+
+
+def _varies(batch: Batch) -> bool:
+    """Whether a batch holds two different samples."""
+    parts = batch if isinstance(batch, tuple) else (batch,)
+    return any(bool((t != t[:1]).any()) for t in parts)
+
+
+def _constant_data_error() -> TrainingError:
+    return TrainingError(
+        "every training sample is the same (zero variance): there is nothing to learn. Was the store "
+        "collected from a dead head, or into a dtype that rounds the values away?"
+    )
 
 
 def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
@@ -227,6 +263,7 @@ class WriteSAETrainer:
         self.samples_seen = 0
         self.best_val_mse = math.inf
         self.best_state_dict: dict[str, torch.Tensor] | None = None
+        self.best_val: dict[str, float] | None = None  # the best validation's metrics (and its step)
         # Training sees ``input_scale * data`` (see TrainerConfig.input_scaling); 1.0 means raw data.
         self.input_scale = 1.0
         self.last_val: dict[str, float] | None = None
@@ -239,6 +276,8 @@ class WriteSAETrainer:
         if cfg.max_samples is not None:
             return math.ceil(cfg.max_samples / cfg.batch_size)
         n = self.train_source.num_samples
+        if n == 0:
+            raise TrainingError("the training source holds no sample; collect data first (a store: writesae collect).")
         if cfg.epochs is None or n is None:
             raise ValueError(
                 "cannot tell how long to train: set TrainerConfig.max_samples, or TrainerConfig.epochs "
@@ -261,20 +300,31 @@ class WriteSAETrainer:
         batch = batch.to(dev, dt)
         return batch * c if c != 1.0 else batch
 
+    @torch.enable_grad()  # whatever the caller's grad mode (TransformerLens code often turns it off)
     def train_step(self, batch: Batch) -> dict[str, Any]:
-        """One optimisation step (plus dead tracking, re-normalisation and resampling when due)."""
+        """One optimisation step (plus dead tracking, re-normalisation and resampling when due).
+
+        Raises:
+            ValueError: the batch holds NaN or inf.
+            TrainingError: the loss or the weights became non-finite (the run diverged).
+        """
         cfg, sae = self.cfg, self.sae
         sae.train()
+        check_finite_batch(batch, f"training batch {self.batch_in_epoch} of epoch {self.epoch}")
         batch = self._to_device(batch)
         lr = learning_rate(self.step, self.total_steps, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = sae.compute_loss(batch, self.dead_mask)
+        if not bool(torch.isfinite(out.loss)):
+            raise self._diverged(f"the loss became {float(out.loss)}", lr)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        if not bool(torch.stack([p.isfinite().all() for p in sae.parameters()]).all()):
+            raise self._diverged("the weights became non-finite", lr)
 
         with torch.no_grad():
             fired = (out.code.dense != 0).any(0)
@@ -309,6 +359,15 @@ class WriteSAETrainer:
             "resampled": n_resampled,
         }
 
+    def _diverged(self, what: str, lr: float) -> TrainingError:
+        kept = f" The last finite checkpoint stays in {self.out_dir / 'checkpoint'}." if self.out_dir else ""
+        return TrainingError(
+            f"training diverged at step {self.step + 1} (epoch {self.epoch}): {what} at learning rate {lr:.3g}. "
+            f"Train again with a lower learning rate, e.g. lr={self.cfg.lr / 10:.3g} (writesae train --lr "
+            f"{self.cfg.lr / 10:.3g} --overwrite), or with input_scaling='unit_mean_square' if the data are far "
+            f"from unit scale.{kept}"
+        )
+
     # ------------------------------------------------------------------ validation
 
     @torch.no_grad()
@@ -339,35 +398,41 @@ class WriteSAETrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:
+            self._refuse_earlier_run()
             self._prepare_inputs()
         cfg = self.cfg
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE")
-        while self.step < self.total_steps:
-            n_batches = 0
-            for batch in self.train_source.batches(self.epoch, cfg.batch_size, self.batch_in_epoch):
-                n_batches += 1
-                metrics = self.train_step(batch)
-                self.batch_in_epoch += 1
-                if self.step % cfg.log_every == 0:
-                    self._log({"type": "train", **metrics})
-                bar.update(1)
-                bar.set_postfix(mse=f"{metrics['mse']:.3g}", l0=f"{metrics['l0']:.1f}",
-                                dead=f"{metrics['dead_fraction']:.2f}")  # fmt: skip
-                if self.step >= self.total_steps:
-                    break
-                self._periodic()
-            else:
-                if n_batches == 0 and self.batch_in_epoch == 0:
-                    raise RuntimeError(
-                        f"the training source yielded no batches in epoch {self.epoch}; is it empty?"
-                    )
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                if cfg.val_every is None and self.step < self.total_steps:
-                    self._validate_and_save()
-                continue
-            break
-        bar.close()
+        data_varies = self.step > 0  # checked over the first epoch of a fresh run
+        with tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE") as bar:
+            while self.step < self.total_steps:
+                n_batches = 0
+                for batch in self.train_source.batches(self.epoch, cfg.batch_size, self.batch_in_epoch):
+                    n_batches += 1
+                    data_varies = data_varies or _varies(batch)
+                    metrics = self.train_step(batch)
+                    self.batch_in_epoch += 1
+                    if self.step % cfg.log_every == 0:
+                        self._log({"type": "train", **metrics})
+                    bar.update(1)
+                    bar.set_postfix(mse=f"{metrics['mse']:.3g}", l0=f"{metrics['l0']:.1f}",
+                                    dead=f"{metrics['dead_fraction']:.2f}")  # fmt: skip
+                    if self.step >= self.total_steps:
+                        break
+                    self._periodic()
+                else:
+                    if n_batches == 0 and self.batch_in_epoch == 0:
+                        raise TrainingError(
+                            f"the training source yielded no batches in epoch {self.epoch}; is it empty?"
+                        )
+                    if not data_varies:
+                        raise _constant_data_error()
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    if cfg.val_every is None and self.step < self.total_steps:
+                        self._validate_and_save()
+                    continue
+                break
+        if not data_varies:
+            raise _constant_data_error()
         self._validate_and_save()
         # From here on the SAE acts on raw data (the last checkpoint keeps the scaled weights and c).
         self.sae.fold_activation_norm_scaling_factor(self.input_scale)
@@ -375,6 +440,18 @@ class WriteSAETrainer:
         if self.out_dir is not None:
             self.sae.save_inference_model(self.out_dir / "final")
         return self.sae
+
+    def _refuse_earlier_run(self) -> None:
+        """A fresh run never mixes its log and checkpoints with an earlier run's."""
+        if self.out_dir is None:
+            return
+        earlier = [n for n in (LOG_FILENAME, "checkpoint", "best", "final") if (self.out_dir / n).exists()]
+        if earlier:
+            raise OutputExistsError(
+                f"{self.out_dir} already holds a training run ({', '.join(earlier)}). Continue it with "
+                f"fit(resume_from='{self.out_dir / 'checkpoint'}') (writesae train --resume), or choose another "
+                "out_dir, or delete it first (writesae train --overwrite)."
+            )
 
     def _periodic(self) -> None:
         cfg = self.cfg
@@ -389,6 +466,7 @@ class WriteSAETrainer:
             self._log({"type": "val", "step": self.step, "epoch": self.epoch, **metrics})
             if metrics["val_mse"] < self.best_val_mse:
                 self.best_val_mse = metrics["val_mse"]
+                self.best_val = {**metrics, "step": self.step}
                 self.best_state_dict = self._raw_state_dict()
                 if self.out_dir is not None:
                     cfg_dict = self.sae.cfg.get_inference_sae_cfg_dict()
@@ -469,8 +547,14 @@ class WriteSAETrainer:
         if self.out_dir is None or not (self.out_dir / LOG_FILENAME).exists():
             return
         path = self.out_dir / LOG_FILENAME
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["step"] <= self.step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by the interruption
+                break
+            if record["step"] <= self.step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ checkpoints
@@ -484,21 +568,26 @@ class WriteSAETrainer:
         for name, param in zip(self._param_names, self.optimizer.param_groups[0]["params"]):
             for key, value in self.optimizer.state.get(param, {}).items():
                 tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+        for name, value in (self.best_state_dict or {}).items():
+            tensors[f"best.{name}"] = value.detach().cpu().contiguous()
         state = {
-            "format": 1,
+            "format": _CHECKPOINT_FORMAT,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
             "best_val_mse": self.best_val_mse if math.isfinite(self.best_val_mse) else None,
+            "best_val": self.best_val,
             "input_scale": self.input_scale,
             "total_steps": self.total_steps,
             "trainer_config": asdict(self.cfg),
             "sae_config": self.sae.cfg.to_dict(),
         }
 
+        cfg_dict = {**self.sae.cfg.get_inference_sae_cfg_dict(), "architecture": CHECKPOINT_ARCHITECTURE}
+
         def write(d: Path) -> None:
-            write_sae_files(d, self.sae.state_dict(), self.sae.cfg.get_inference_sae_cfg_dict())
+            write_sae_files(d, self.sae.state_dict(), cfg_dict)
             save_file(tensors, d / TRAINER_STATE_TENSORS)
             (d / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str))
 
@@ -507,7 +596,7 @@ class WriteSAETrainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore SAE weights, Adam state, counters, RNG and data position from ``path``."""
         path = Path(path)
-        check_sae_dir(path)
+        check_sae_dir(path, checkpoint=True)
         state_path = path / TRAINER_STATE_JSON
         try:
             state = json.loads(state_path.read_text())
@@ -516,6 +605,11 @@ class WriteSAETrainer:
                 f"{state_path}: missing or not valid JSON; {path} is not a resumable checkpoint "
                 "(resume from OUT_DIR/checkpoint, not best/ or final/)."
             ) from None
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{state_path}: checkpoint format {state.get('format')}, this version reads format "
+                f"{_CHECKPOINT_FORMAT}; start the training again."
+            )
         for field in _RESUME_INVARIANTS:
             saved = state["trainer_config"].get(field, getattr(TrainerConfig, field))
             if saved != getattr(self.cfg, field):
@@ -544,4 +638,7 @@ class WriteSAETrainer:
         self.input_scale = float(state.get("input_scale", 1.0))
         best = state["best_val_mse"]
         self.best_val_mse = math.inf if best is None else best
+        best_weights = {k[len("best."):]: v.to(self.sae.device) for k, v in tensors.items() if k.startswith("best.")}
+        self.best_state_dict = best_weights or None
+        self.best_val = state.get("best_val")
         self._truncate_log()

@@ -58,9 +58,20 @@ def train_on_store(
         **sae_kwargs: Further `WriteTrainingSAEConfig` fields (``variant``, ``rank``, ``sparsity``...).
 
     Returns:
-        ``(inference SAE with the best validation weights, last validation metrics)``.
+        ``(inference SAE with the best validation weights, that validation's metrics)``: the
+        metrics (``val_mse``, ``val_explained_variance``..., ``best_val_mse``, ``best_step``) are
+        those of the returned weights, also after a resume.
+
+    Raises:
+        ValueError: the cell has no training or no validation sample.
     """
     store = store if isinstance(store, WriteStore) else WriteStore(store)
+    for split in ("train", "val"):
+        if store.num_samples(layer, head, split) == 0:
+            raise ValueError(
+                f"{store.path}: layer {layer} head {head} has no {split} sample; collect more sequences "
+                "(writesae collect --sequences) or more positions per sequence"
+            )
     d_k, d_v = store.manifest["model"]["d_k"], store.manifest["model"]["d_v"]
     cfg = WriteTrainingSAEConfig.build(d_k=d_k, d_v=d_v, d_sae=d_sae, k=k, **sae_kwargs)
     cfg.metadata.hook_name = store.hook_name(layer)
@@ -75,6 +86,7 @@ def train_on_store(
     with tempfile.TemporaryDirectory() as tmp:
         training_sae.save_inference_model(tmp)
         sae = WriteSAE.load_from_disk(tmp)
-    metrics = dict(run.last_val or {})
+    metrics = {k: v for k, v in (run.best_val or {}).items() if k != "step"}
     metrics["best_val_mse"] = float(run.best_val_mse)
+    metrics["best_step"] = (run.best_val or {}).get("step")
     return sae.to(torch.device(training_sae.device)), metrics

@@ -22,7 +22,7 @@ from ..presets import PRESETS, build_preset
 from ..pretrained import shipped_model_path
 from .mamba_ssm import is_mamba_ssm_config, load_mamba_ssm_checkpoint, read_config
 
-__all__ = ["load_hf_model", "load_tokenizer", "text_model_of"]
+__all__ = ["check_model_name", "load_hf_model", "load_tokenizer", "text_model_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,12 @@ def load_hf_model(
         ``(hf_model, tokenizer_or_None)``.
     """
     dtype = dtype or torch.float32
+    check_model_name(name_or_path)
     shipped = shipped_model_path(name_or_path)  # "stdlib:..." names: a folder inside the package
     if shipped is not None:
         name_or_path = str(shipped)
     if name_or_path in PRESETS:
         return build_preset(name_or_path, dtype=dtype), None
-    if ":" in name_or_path and name_or_path.split(":", 1)[0] in {p.split(":", 1)[0] for p in PRESETS}:
-        raise KeyError(f"Unknown built-in model {name_or_path!r}; built-in names: {', '.join(sorted(PRESETS))}")
     hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
     raw_config = read_config(name_or_path, **hub_kwargs)
     if raw_config is not None and is_mamba_ssm_config(raw_config):
@@ -59,6 +58,30 @@ def load_hf_model(
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
     return text_model_of(hf_model).eval(), load_tokenizer(name_or_path)
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Refuse, before any loading, a name that cannot be a model: not a string, empty, a file, or
+    an unknown built-in name.
+
+    Raises:
+        ValueError: naming the value and what to give instead.
+        KeyError: an unknown ``tiny-random:`` or ``stdlib:`` name (the message lists the valid ones).
+    """
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise ValueError(
+            f"name_or_path={name_or_path!r}: give a hub id (e.g. 'Qwen/Qwen3.5-0.8B'), a model folder, "
+            f"or a built-in name ({', '.join(sorted(PRESETS))}, stdlib:qwen3.5, stdlib:mamba2)"
+        )
+    name = str(name_or_path)
+    if Path(name).is_file():
+        raise ValueError(
+            f"{name} is a file; from_pretrained takes the model's folder (the one holding config.json "
+            "and the weights), a hub id, or a built-in name"
+        )
+    shipped_model_path(name)  # raises for an unknown stdlib: name
+    if ":" in name and name not in PRESETS and name.split(":", 1)[0] in {p.split(":", 1)[0] for p in PRESETS}:
+        raise KeyError(f"Unknown built-in model {name!r}; built-in names: {', '.join(sorted(PRESETS))}")
 
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")

@@ -1,0 +1,30 @@
+"""``writesae demo``: the whole pipeline offline on a shipped model, with headline figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from writesae.cli import options
+
+NAME = "demo"
+HELP = "the whole pipeline offline on a shipped model, with headline figures"
+RESUME_NOTE = ("the store and the SAE training continue from their checkpoints, finished stages are kept, "
+               "and the protocol stages run again")  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=options.model_name, default="stdlib:qwen3.5",
+                   help="stdlib:qwen3.5 (default) or stdlib:mamba2, or any model")  # fmt: skip
+    p.add_argument("--input", choices=["write", "state"], default="write", help="train the SAE on writes or states")
+    p.add_argument("--threads", type=options.nonnegative_int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--layer", type=options.nonnegative_int, default=None)
+    p.add_argument("--head", type=options.nonnegative_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    options.add_output_options(p, "demo run", default="runs/demo")
+
+
+def run(args: argparse.Namespace) -> None:
+    from writesae.demo import run_demo
+
+    run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed, input=args.input,
+             threads=args.threads or None, mode=options.output_mode(args))  # fmt: skip

@@ -1,0 +1,170 @@
+"""Validated option types shared by every ``writesae`` subcommand.
+
+Each type is an argparse ``type=`` callable: it checks one value before any work starts and, when
+the value is wrong, raises ``argparse.ArgumentTypeError`` with the valid range and the fix; argparse
+then prints ``writesae CMD: error: argument --NAME: MESSAGE`` (the argument, the value, the range)
+and exits with status 2. The ``add_*`` helpers give subcommands the same options with the same
+names, types and help.
+
+Example:
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(prog="demo", exit_on_error=False)
+    >>> _ = p.add_argument("--seq-len", type=positive_int)
+    >>> p.parse_args(["--seq-len", "64"]).seq_len
+    64
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: 0 is not a positive whole number; give 1 or more
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MODEL_DTYPES",
+    "STORE_DTYPES",
+    "positive_int",
+    "nonnegative_int",
+    "positive_float",
+    "device",
+    "model_name",
+    "store_dir",
+    "sae_dir",
+    "output_mode",
+    "add_model_options",
+    "add_token_options",
+    "add_output_options",
+]
+
+# Floating dtypes only: weights and states are real numbers, and an integer store would round them away.
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts, sizes, lengths)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number; give 1 or more")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0 (indices, offsets)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, scales)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
+
+
+def device(text: str) -> str:
+    """A torch device that exists on this machine (checked before the model loads)."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None  # fmt: skip
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible to torch on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the writesae command runs on cpu, cuda or mps")
+    return text
+
+
+def model_name(text: str) -> str:
+    """A hub id, a model folder or a built-in name (a file or an unknown built-in is refused here)."""
+    from hooked_recurrent.loading import check_model_name
+
+    try:
+        check_model_name(text)
+    except (ValueError, KeyError) as err:
+        raise argparse.ArgumentTypeError(str(err.args[0])) from None
+    return text
+
+
+def store_dir(text: str) -> Path:
+    """A folder written by ``writesae collect`` (it holds ``manifest.json``)."""
+    path = Path(text)
+    if not (path / "manifest.json").is_file():
+        what = "does not exist" if not path.exists() else "has no manifest.json"
+        raise argparse.ArgumentTypeError(
+            f"{text} {what}: it is not a store written by `writesae collect` (a folder with manifest.json)"
+        )
+    return path
+
+
+def sae_dir(text: str) -> Path:
+    """A saved inference SAE folder (``cfg.json`` + ``sae_weights.safetensors``), not a training checkpoint."""
+    from writesae.io import CheckpointError, check_sae_dir
+
+    try:
+        check_sae_dir(text)
+    except CheckpointError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return Path(text)
+
+
+def output_mode(args: argparse.Namespace) -> str:
+    """``"resume"``, ``"overwrite"`` or ``"new"``, from ``--resume`` / ``--overwrite``."""
+    return "resume" if args.resume else "overwrite" if args.overwrite else "new"
+
+
+def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The model to load, where, in which dtype, and the seed."""
+    if positional:
+        parser.add_argument("model", type=model_name,
+                            help="hub id, local model folder, or built-in name (stdlib:qwen3.5, stdlib:mamba2)")  # fmt: skip
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible)")  # fmt: skip
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_token_options(parser: argparse.ArgumentParser, sequences: int, seq_len: int) -> None:
+    """Where the token blocks come from, how many and how long."""
+    parser.add_argument("--tokens", default="stdlib", help="stdlib | PATH | hf:DATASET | random (see writesae.tokens)")
+    parser.add_argument("--sequences", type=positive_int, default=sequences, help="token blocks to run")
+    parser.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per block")
+
+
+def add_output_options(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """``--out`` and the no-clobber policy: ``--resume`` or ``--overwrite`` an existing folder."""
+    if default is None:
+        parser.add_argument("--out", type=Path, required=True, help=f"folder of the {what}")
+    else:
+        parser.add_argument("--out", type=Path, default=Path(default), help=f"folder of the {what} (default: {default})")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=f"continue the interrupted {what} in --out")
+    group.add_argument("--overwrite", action="store_true", help=f"delete what --out holds and start a new {what}")

@@ -1,0 +1,37 @@
+"""``writesae substitution``: the substitution test (paper section 3)."""
+
+from __future__ import annotations
+
+import argparse
+
+from writesae.cli import common, options
+
+NAME = "substitution"
+HELP = "the substitution test (paper section 3)"
+RESUME_NOTE = "a finished run is kept; an unfinished one starts again, as it keeps no partial results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    options.add_model_options(p)
+    options.add_token_options(p, sequences=32, seq_len=128)
+    p.add_argument("--sae", type=options.sae_dir, required=True, help="a saved SAE folder (writesae train: OUT/sae)")
+    p.add_argument("--scale", choices=["activation", "matched_norm"])
+    p.add_argument("--substitute", choices=["dominant", "firing"])
+    p.add_argument("--kl-direction", dest="kl_direction", choices=["edited||base", "base||edited"])
+    p.add_argument("--write", choices=["native", "delta"])
+    p.add_argument("--max-firings-per-atom", dest="max_firings_per_atom", type=options.positive_int)
+    options.add_output_options(p, "substitution run")
+
+
+def run(args: argparse.Namespace) -> None:
+    from writesae.protocols.substitution import SubstitutionConfig, run_substitution
+
+    out = common.protocol_out_dir(args, "substitution run")
+    if out is None:
+        return
+    model = common.load_model(args)
+    sae = common.load_sae(args.sae, model)
+    config = common.protocol_config(SubstitutionConfig, args)
+    result = run_substitution(model, sae, common.token_blocks(model, args), config=config, out_dir=out)
+    common.print_json("substitution", {k: v for k, v in result.summary.items() if k not in ("population", "config")})
+    print(f"results in {out}")

@@ -1,0 +1,59 @@
+"""``writesae train``: train a WriteSAE on one cell of a store."""
+
+from __future__ import annotations
+
+import argparse
+
+from writesae.cli import common, options
+
+NAME = "train"
+HELP = "train a WriteSAE on one cell of a store"
+RESUME_NOTE = ("saved after every epoch, or every --checkpoint-every steps; the resumed run ends with the "
+               "uninterrupted run's weights")  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=options.store_dir, help="a store written by `writesae collect`")
+    p.add_argument("--layer", type=options.nonnegative_int, required=True)
+    p.add_argument("--head", type=options.nonnegative_int, required=True)
+    p.add_argument("--d-sae", type=options.positive_int, default=2048, help="dictionary size")
+    p.add_argument("--k", type=options.positive_int, default=32, help="active atoms per sample")
+    p.add_argument("--variant", default="bilinear", choices=["bilinear", "flat", "matrix", "bilinear_tied"])
+    p.add_argument("--rank", type=options.positive_int, default=1, help="rank of each decoder atom")
+    p.add_argument("--sparsity", default="topk", choices=["topk", "batchtopk"])
+    p.add_argument("--epochs", type=options.positive_int, default=20)
+    p.add_argument("--batch-size", type=options.positive_int, default=256)
+    p.add_argument("--lr", type=options.positive_float, default=3e-4, help="peak learning rate")
+    p.add_argument("--input-scaling", default="none", choices=["none", "unit_mean_square"],
+                   help="train on the data scaled to unit mean square (folded back at the end); "
+                        "'none' is the paper's recipe")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=options.positive_int, default=None,
+                   help="steps between checkpoints (default: after every epoch)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=42)
+    options.add_output_options(p, "training run")
+
+
+def run(args: argparse.Namespace) -> None:
+    from writesae.outputs import prepare_output_dir
+    from writesae.trainer import TrainerConfig
+    from writesae.training import train_on_store
+
+    mode = options.output_mode(args)
+    out = prepare_output_dir(args.out, mode, what="training run")
+    resume_from = None
+    if mode == "resume":
+        if (out / "checkpoint").is_dir():
+            resume_from = out / "checkpoint"
+            print(f"resuming from {resume_from}")
+        else:
+            print(f"{out} has no checkpoint yet (the run stopped before its first one): starting it again")
+            prepare_output_dir(out, "overwrite", what="training run")
+    lr_min = min(3e-5, args.lr)  # the paper's floor, or the peak when that is lower
+    trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=lr_min, seed=args.seed,
+                            out_dir=out, input_scaling=args.input_scaling, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    sae, metrics = train_on_store(args.store, args.layer, args.head, d_sae=args.d_sae, k=args.k, seed=args.seed,
+                                  trainer=trainer, variant=args.variant, rank=args.rank, sparsity=args.sparsity,
+                                  resume_from=resume_from)  # fmt: skip
+    sae.save_model(out / "sae")
+    common.print_json("validation (best checkpoint)", metrics)
+    print(f"SAE written to {out / 'sae'} (load with sae_lens.SAE.load_from_disk after `import writesae`)")
