@@ -129,3 +129,64 @@ def test_training_on_captured_states_beats_the_data_variance(tmp_path):
     assert sae.cfg.metadata.hook_name == model.cfg.hook_name(layer, "hook_state")
     model.add_sae(sae)  # fits the model it was trained on
     model.reset_saes()
+
+
+@torch.no_grad()
+def test_an_interrupted_collection_resumes_to_the_uninterrupted_store(model, tmp_path, monkeypatch):
+    tokens = random_tokens(20, 16, seed=6)
+    layer = model.cfg.recurrent_layers[0]
+    kwargs = dict(layers=[layer], heads=[0, 1], kind="write", positions_per_sequence=5, batch_size=3, shard_size=7,
+                  center=True, checkpoint_every=2, verbose=False)  # fmt: skip
+    collect(model, tokens, out_dir=tmp_path / "full", **kwargs)
+
+    real, calls = type(model).run_with_cache, []
+
+    def stop_at_fifth_batch(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model), "run_with_cache", stop_at_fifth_batch)
+        with pytest.raises(KeyboardInterrupt):
+            collect(model, tokens, out_dir=tmp_path / "cut", **kwargs)
+    assert (tmp_path / "cut" / "collect_checkpoint").is_dir() and not (tmp_path / "cut" / "manifest.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        collect(model, tokens, out_dir=tmp_path / "cut", **kwargs)
+    with pytest.raises(ValueError, match="batch_size=3, this call has 4"):
+        collect(model, tokens, out_dir=tmp_path / "cut", **{**kwargs, "batch_size": 4}, mode="resume")
+    collect(model, tokens, out_dir=tmp_path / "cut", **kwargs, mode="resume")
+
+    files = sorted(p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
+
+
+def test_collect_refuses_arguments_that_give_an_empty_or_wrong_store(model, tmp_path):
+    tokens = random_tokens(4, 10)
+    layer = model.cfg.recurrent_layers[0]
+    cases = [
+        (dict(dtype=torch.int8), "dtype=torch.int8"),
+        (dict(positions_per_sequence=0), "positions_per_sequence=0"),
+        (dict(skip_first=10), "skip_first=10"),
+        (dict(val_fraction=0.0), "val_fraction=0.0"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(layers=[]), "layers=\\[\\]"),
+        (dict(heads=[0, 0]), "repeats"),
+        (dict(tokens=tokens[:, :0]), "shape \\(4, 0\\)"),
+        (dict(tokens=tokens[:1]), "the (train|val) split holds no sequence"),
+    ]
+    for overrides, message in cases:
+        args = dict(tokens=tokens, layers=[layer], heads=[0], out_dir=tmp_path / "x", verbose=False, mode="overwrite")
+        args.update(overrides)
+        with pytest.raises(ValueError, match=message):
+            collect(model, args.pop("tokens"), **args)
+    if model.cfg.architecture.startswith("Qwen"):  # float16 cannot hold values past 65504: refused, not stored as inf
+        big = tiny_pair("tiny-random:qwen3.5")[0]
+        with torch.no_grad():
+            big.blocks[layer].linear_attn.hf.in_proj_qkv.weight.mul_(1e6)
+        with pytest.raises(ValueError, match="beyond the largest torch.float16"):
+            collect(big, tokens, layers=[layer], heads=[0], kind="write", out_dir=tmp_path / "h", verbose=False,
+                    dtype=torch.float16)
