@@ -1,16 +1,23 @@
-"""Block-level hook points (the residual stream) and the per-call run context.
+"""Block-level hook points (the residual stream), the per-call run context, and how blocks install.
 
-A block's ``forward`` replaces its HF layer's forward, doing the same computation with the
-residual stream passed through hook points::
+Each depth of the HF model (one module per depth: the entries of its layer list) gets a block hook
+container whose forward replaces that module's forward. It does the same computation with the
+residual stream passed through hook points, and calls the hook containers of its norms, mixer and
+MLP, which compute with the HF submodules' own parameters. Only the per-depth modules are patched
+(never their submodules), so a module that several depths share (Zamba2's shared transformer
+block) gets one set of hook points per use, and every HF module stays at its path with its
+parameters. The common layout (`PreNormBlock`)::
 
     blocks.{l}.hook_resid_pre    [batch, pos, d_model]
     blocks.{l}.ln1.hook_normalized
-    blocks.{l}.<mixer>.*         linear_attn (Gated DeltaNet), attn (attention) or mixer (Mamba-2)
+    blocks.{l}.<mixer>.*         linear_attn (delta rule, linear attention), attn or mixer (Mamba-2)
     blocks.{l}.hook_resid_mid    [batch, pos, d_model]   (blocks with an MLP)
     blocks.{l}.ln2.hook_normalized
-    blocks.{l}.mlp.*
+    blocks.{l}.mlp.*             (gated MLPs; other MLPs such as mixtures of experts run unchanged)
     blocks.{l}.hook_mlp_out      [batch, pos, d_model]
     blocks.{l}.hook_resid_post   [batch, pos, d_model]
+
+Families with another layout (post-norm layers, scaled residuals...) subclass `BlockHooks`.
 """
 
 from __future__ import annotations
@@ -18,16 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .components import MLPHooks, NormHooks
+from .components import NormHooks, mlp_hooks
 from .hook_points import HookPoint
-from .mixers.attention import GatedAttentionHooks
-from .mixers.gated_deltanet import GatedDeltaNetHooks
-from .mixers.mamba2 import Mamba2MixerHooks
 
-__all__ = ["RunContext", "StopForward", "Qwen3_5BlockHooks", "Mamba2BlockHooks", "FinalNormHooks"]
+__all__ = ["RunContext", "StopForward", "BlockHooks", "PreNormBlock", "FinalNormHooks"]
 
 
 @dataclass
@@ -68,14 +71,20 @@ class FinalNormHooks(NormHooks):
         return super().forward(x)
 
 
-class Qwen3_5BlockHooks(nn.Module):
-    """Hook points of one Qwen3.5 decoder layer (Gated DeltaNet or attention, then a SwiGLU MLP).
+class BlockHooks(nn.Module):
+    """Base of the hook container of the layer at one depth.
+
+    Subclasses register their hook points (in execution order, ending with ``hook_resid_post``)
+    and implement ``forward(hidden_states, **kwargs)`` with the HF layer's computation; the HF
+    model calls it with the keyword arguments it passes its layers.
 
     Args:
-        hf_layer: The ``Qwen3_5DecoderLayer``.
-        index: Its layer index.
+        hf_layer: The HF layer at this depth.
+        index: The depth.
         context: The model's run context.
     """
+
+    mixer_name: str  # the name of the mixer's hook container
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__()
@@ -83,96 +92,61 @@ class Qwen3_5BlockHooks(nn.Module):
         self.__dict__["context"] = context
         self.index = index
         self.hook_resid_pre = HookPoint("batch pos d_model")
-        self.ln1 = NormHooks(hf_layer.input_layernorm)
-        if hf_layer.block_type == "linear_attention":
-            self.linear_attn = GatedDeltaNetHooks(hf_layer.linear_attn, context)
-        else:
-            self.attn = GatedAttentionHooks(hf_layer.self_attn)
-        self.hook_resid_mid = HookPoint("batch pos d_model")
-        self.ln2 = NormHooks(hf_layer.post_attention_layernorm)
-        self.mlp = MLPHooks(hf_layer.mlp)
-        self.hook_mlp_out = HookPoint("batch pos d_model")
-        self.hook_resid_post = HookPoint("batch pos d_model")
-
-    @property
-    def mixer_name(self) -> str:
-        return "linear_attn" if hasattr(self, "linear_attn") else "attn"
 
     def install(self) -> None:
-        """Route the HF layer (and its mixer and MLP) through these hooks."""
-        layer = self.hf
-        layer.forward = self.forward
-        if hasattr(self, "linear_attn"):
-            layer.linear_attn.forward = self.linear_attn.forward
-        else:
-            layer.self_attn.forward = self.attn.forward
-        layer.mlp.forward = self.mlp.forward
-
-    def forward(
-        self,
-        hidden_states: Tensor,
-        position_embeddings: tuple[Tensor, Tensor] | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: Any = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """Same computation as ``Qwen3_5DecoderLayer.forward``, with hooks."""
-        if self.context.stop_at_layer == self.index:
-            raise StopForward(hidden_states)
-        layer = self.hf
-        residual = self.hook_resid_pre(hidden_states)
-        normed = self.ln1(residual)
-        if hasattr(self, "linear_attn"):
-            mixed = layer.linear_attn(hidden_states=normed, cache=cache, attention_mask=attention_mask, **kwargs)
-        else:
-            mixed, _ = layer.self_attn(
-                hidden_states=normed,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-        residual = self.hook_resid_mid(residual + mixed)
-        mlp_out = self.hook_mlp_out(layer.mlp(self.ln2(residual)))
-        return self.hook_resid_post(residual + mlp_out)
-
-
-class Mamba2BlockHooks(nn.Module):
-    """Hook points of one Mamba-2 block (norm, mixer, residual add; no MLP).
-
-    Args:
-        hf_layer: The ``Mamba2Block``.
-        index: Its layer index.
-        context: The model's run context.
-    """
-
-    mixer_name = "mixer"
-
-    def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
-        super().__init__()
-        self.__dict__["hf"] = hf_layer
-        self.__dict__["context"] = context
-        self.index = index
-        self.hook_resid_pre = HookPoint("batch pos d_model")
-        self.ln1 = NormHooks(hf_layer.norm)
-        self.mixer = Mamba2MixerHooks(hf_layer.mixer, context)
-        self.hook_resid_post = HookPoint("batch pos d_model")
-
-    def install(self) -> None:
-        """Route the HF block and its mixer through these hooks."""
+        """Route the HF layer at this depth through this container (its submodules are untouched)."""
         self.hf.forward = self.forward
-        self.hf.mixer.forward = self.mixer.forward
 
-    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """Same computation as ``Mamba2Block.forward``, with hooks."""
+    def enter(self, hidden_states: Tensor) -> Tensor:
+        """Honour ``stop_at_layer`` and pass the block's input through ``hook_resid_pre``."""
         if self.context.stop_at_layer == self.index:
             raise StopForward(hidden_states)
-        layer = self.hf
-        residual = self.hook_resid_pre(hidden_states)
-        normed = self.ln1(residual.to(dtype=layer.norm.weight.dtype))
-        if layer.residual_in_fp32:
-            residual = residual.to(torch.float32)
-        mixed = layer.mixer(normed, cache=cache, attention_mask=attention_mask, **kwargs)
-        return self.hook_resid_post(residual + mixed)
+        return self.hook_resid_pre(hidden_states)
+
+
+class PreNormBlock(BlockHooks):
+    """norm -> token mixer -> residual add, then (if the layer has an MLP) norm -> MLP -> residual add.
+
+    Args:
+        hf_layer: The HF layer at this depth.
+        index: The depth.
+        context: The model's run context.
+        mixer_name: The name of the mixer's hook container (from its layer kind).
+        mixer: The mixer's hook container, called with the HF layer's keyword arguments.
+        norm1: The HF layer's attribute holding the norm before the mixer.
+        norm2: The one before the MLP (None: the layer has no MLP).
+        mlp: The HF layer's attribute holding the MLP.
+    """
+
+    def __init__(
+        self,
+        hf_layer: nn.Module,
+        index: int,
+        context: RunContext,
+        mixer_name: str,
+        mixer: nn.Module,
+        *,
+        norm1: str = "input_layernorm",
+        norm2: str | None = "post_attention_layernorm",
+        mlp: str = "mlp",
+    ) -> None:
+        super().__init__(hf_layer, index, context)
+        self.mixer_name = mixer_name
+        self.ln1 = NormHooks(getattr(hf_layer, norm1))
+        self.add_module(mixer_name, mixer)
+        self.has_mlp = norm2 is not None
+        if self.has_mlp:
+            self.hook_resid_mid = HookPoint("batch pos d_model")
+            self.ln2 = NormHooks(getattr(hf_layer, norm2))
+            self.mlp = mlp_hooks(getattr(hf_layer, mlp))
+            self.hook_mlp_out = HookPoint("batch pos d_model")
+        self.hook_resid_post = HookPoint("batch pos d_model")
+
+    def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        residual = self.enter(hidden_states)
+        mixed = getattr(self, self.mixer_name)(self.ln1(residual), **kwargs)
+        if not self.has_mlp:
+            return self.hook_resid_post(residual + mixed)
+        residual = self.hook_resid_mid(residual + mixed)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(residual)))
+        return self.hook_resid_post(residual + mlp_out)

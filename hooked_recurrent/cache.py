@@ -73,14 +73,26 @@ class RecurrentCache(DynamicCache):
         attention_mask: ``[batch, position]`` mask of the tokens consumed (1 = real token).
     """
 
+    def __new__(cls, model: HookedRecurrentModel | None = None, *args: Any, **kwargs: Any) -> RecurrentCache:
+        # A family whose HF model demands its own cache class (MiniMax) names a subclass of both.
+        family_cache = getattr(getattr(model, "architecture", None), "cache_class", None)
+        if cls is RecurrentCache and family_cache is not None:
+            cls = family_cache
+        return super().__new__(cls)
+
     def __init__(self, model: HookedRecurrentModel, batch_size: int) -> None:
-        super().__init__(config=model.hf_model.config)
+        # Called by name: a family's cache class puts its HF cache class (whose __init__ takes no
+        # config) between this class and DynamicCache.
+        DynamicCache.__init__(self, config=model.hf_model.config)
         self.position = 0
         self._batch_size = batch_size
         self.attention_mask: Int[Tensor, "batch pos"] | None = None
         self.signature = model_signature(model)
         self.owner_id = id(model.hf_model)
-        self._transposed = {i for i, kind in enumerate(model.cfg.layer_types) if kind == "mamba2"}
+        family = model.architecture
+        self._transposed = {
+            i for i, kind in enumerate(model.cfg.layer_types) if family.layer_kind(kind).transposed_state
+        }
 
     @property
     def batch_size(self) -> int:
@@ -173,8 +185,8 @@ class RecurrentCache(DynamicCache):
             )
         slot.copy_(value.to(slot.dtype).expand_as(slot))
 
-    def conv_state(self, layer: int) -> Float[Tensor, "batch channel kernel"]:
-        """The short convolution's state of a matrix-recurrent layer (its last inputs)."""
+    def conv_state(self, layer: int) -> Float[Tensor, "batch channel kernel"] | None:
+        """The short convolution's state of a matrix-recurrent layer (its last inputs; None if it has none)."""
         return self._linear(layer).conv_states[0]
 
     def keys(self, layer: int) -> Float[Tensor, "batch kv_head pos d_head"]:
@@ -268,8 +280,9 @@ class RecurrentCache(DynamicCache):
             if isinstance(entry, LinearAttentionCacheLayerMixin):
                 started = bool(entry.has_previous_state[0])
                 if started:
-                    tensors[f"{i}.conv"] = entry.conv_states[0]
                     tensors[f"{i}.recurrent"] = entry.recurrent_states[0]
+                    if entry.conv_states[0] is not None:  # mixers without a short convolution have none
+                        tensors[f"{i}.conv"] = entry.conv_states[0]
                 layers_meta.append({"kind": "linear", "started": started})
             else:
                 started = bool(getattr(entry, "is_initialized", False))
@@ -311,12 +324,13 @@ class RecurrentCache(DynamicCache):
             if not info["started"]:
                 continue
             if info["kind"] == "linear":
-                conv, recurrent = tensors[f"{i}.conv"], tensors[f"{i}.recurrent"]
-                entry.conv_states[0], entry.recurrent_states[0] = conv, recurrent
-                entry.conv_kernel_size[0] = conv.shape[-1]
-                entry.is_conv_states_initialized[0] = entry.is_recurrent_states_initialized[0] = True
-                entry.has_previous_state[0] = True
-                entry.dtype, entry.device = conv.dtype, conv.device
+                recurrent = entry.recurrent_states[0] = tensors[f"{i}.recurrent"]
+                entry.is_recurrent_states_initialized[0] = entry.has_previous_state[0] = True
+                conv = tensors.get(f"{i}.conv")
+                if conv is not None:
+                    entry.conv_states[0], entry.conv_kernel_size[0] = conv, conv.shape[-1]
+                    entry.is_conv_states_initialized[0] = True
+                entry.dtype, entry.device = recurrent.dtype, recurrent.device
             else:
                 entry.keys, entry.values = tensors[f"{i}.keys"], tensors[f"{i}.values"]
                 entry.is_initialized, entry.device = True, entry.keys.device

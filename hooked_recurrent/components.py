@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .hook_points import HookPoint
 
-__all__ = ["NormHooks", "MLPHooks", "OutputHook"]
+__all__ = ["NormHooks", "GatedMLPHooks", "MLPOutputHooks", "mlp_hooks", "OutputHook"]
 
 
 class NormHooks(nn.Module):
@@ -29,8 +29,8 @@ class NormHooks(nn.Module):
         return self.hook_normalized(type(self.hf).forward(self.hf, x))
 
 
-class MLPHooks(nn.Module):
-    """The gated (SwiGLU) MLP of a Qwen3.5 block.
+class GatedMLPHooks(nn.Module):
+    """A gated (SwiGLU-style) MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``.
 
     Hook points::
 
@@ -46,11 +46,36 @@ class MLPHooks(nn.Module):
         self.hook_pre_linear = HookPoint("batch pos d_mlp")
         self.hook_post = HookPoint("batch pos d_mlp")
 
+    @staticmethod
+    def fits(hf_module: nn.Module) -> bool:
+        """Whether an HF MLP has this form (its projections and activation under these names)."""
+        return all(hasattr(hf_module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
     def forward(self, x: Tensor) -> Tensor:
         m = self.hf
         pre = self.hook_pre(m.gate_proj(x))
         pre_linear = self.hook_pre_linear(m.up_proj(x))
         return m.down_proj(self.hook_post(m.act_fn(pre) * pre_linear))
+
+
+class MLPOutputHooks(nn.Module):
+    """Any other MLP (mixtures of experts...), run unchanged; the block hooks its output.
+
+    Modules that return ``(output, router logits)`` give their output only.
+    """
+
+    def __init__(self, hf_module: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["hf"] = hf_module
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.hf(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def mlp_hooks(hf_module: nn.Module) -> GatedMLPHooks | MLPOutputHooks:
+    """The hook container of an HF MLP: `GatedMLPHooks` where it fits, else `MLPOutputHooks`."""
+    return GatedMLPHooks(hf_module) if GatedMLPHooks.fits(hf_module) else MLPOutputHooks(hf_module)
 
 
 class OutputHook(nn.Module):

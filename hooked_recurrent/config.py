@@ -7,10 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HookedRecurrentConfig", "LAYER_KINDS"]
-
-# Layer kinds, and the name of the mixer's hook container inside ``blocks.{l}``.
-LAYER_KINDS = {"gated_deltanet": "linear_attn", "attention": "attn", "mamba2": "mixer"}
+__all__ = ["HookedRecurrentConfig"]
 
 
 @dataclass
@@ -23,7 +20,8 @@ class HookedRecurrentConfig:
         n_layers: Number of blocks.
         d_model: Residual stream width.
         d_vocab: Vocabulary size.
-        layer_types: Kind of each block's mixer: ``"gated_deltanet"``, ``"attention"`` or ``"mamba2"``.
+        layer_types: Kind of each block's mixer, e.g. ``"gated_deltanet"``, ``"attention"`` or
+            ``"mamba2"`` (the kinds are listed by `hooked_recurrent.families.LAYER_KINDS`).
         n_heads: Recurrent heads per matrix-recurrent layer (GDN value heads, Mamba-2 heads).
         d_k: Key dimension of each head's state (GDN key head dim, Mamba-2 ``d_state``).
         d_v: Value dimension of each head's state (GDN value head dim, Mamba-2 ``head_dim``).
@@ -64,11 +62,12 @@ class HookedRecurrentConfig:
     @property
     def recurrent_layers(self) -> list[int]:
         """Indices of the matrix-recurrent layers (those with write and state hooks)."""
-        return [i for i, kind in enumerate(self.layer_types) if kind in ("gated_deltanet", "mamba2")]
+        kinds = _layer_kinds()
+        return [i for i, kind in enumerate(self.layer_types) if kinds[kind].recurrent]
 
     def mixer_name(self, layer: int) -> str:
-        """The hook sub-path of a layer's mixer: ``linear_attn``, ``attn`` or ``mixer``."""
-        return LAYER_KINDS[self.layer_types[layer]]
+        """The hook sub-path of a layer's mixer, e.g. ``linear_attn``, ``attn`` or ``mixer``."""
+        return _layer_kinds()[self.layer_types[layer]].container
 
     def hook_name(self, layer: int, hook: str) -> str:
         """Full name of a mixer hook, e.g. ``cfg.hook_name(9, "hook_write")``."""
@@ -78,3 +77,10 @@ class HookedRecurrentConfig:
         d = asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")
         return d
+
+
+def _layer_kinds() -> dict:
+    # The families describe models with this class, so their table is imported when first needed.
+    from .families import LAYER_KINDS
+
+    return LAYER_KINDS

@@ -1,8 +1,10 @@
 """HookedRecurrentModel: a TransformerLens-style hooked model around a Hugging Face recurrent LM.
 
-The HF model runs as it is: its modules keep their paths and parameters, and the forwards of its
-blocks, mixers and MLPs are routed through hook containers that compute the same thing with named
-hook points in between (the TransformerBridge idea: wrap, don't reimplement the model). On top of
+The HF model runs as it is: its modules keep their paths and parameters, and the forward of the
+layer at each depth (and of the embedding and final norm) is routed through a hook container that
+computes the same thing with named hook points in between (the TransformerBridge idea: wrap, don't
+reimplement the model; see `hooked_recurrent.blocks`). What differs between model families lives in
+`hooked_recurrent.families`, one file per family. On top of
 the usual residual-stream and attention hooks, every matrix-recurrent mixer exposes its rank-1
 write, its state, its gates and its read (see `hooked_recurrent.mixers.base`), lazily: writes and
 states are only materialised when a hook or a cache asks for them.
@@ -23,13 +25,13 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint as TLHookPoint
 
-from .architectures import architecture_of
 from .blocks import FinalNormHooks, RunContext, StopForward
 from .cache import RecurrentCache
 from .components import OutputHook
 from .config import HookedRecurrentConfig
+from .families import family_of, text_model_of
 from .hook_points import HookPoint, observer
-from .loading import load_hf_model, text_model_of
+from .loading import load_hf_model
 from .splicing import SpliceMixin
 
 __all__ = ["HookedRecurrentModel"]
@@ -39,7 +41,9 @@ _PER_HEAD_VIEW = re.compile(r"\.heads\.\d+\.hook_(write|state)$")
 
 
 class HookedRecurrentModel(SpliceMixin, HookedRootModule):
-    """A hooked Qwen3.5 (Gated DeltaNet + attention) or Mamba-2 language model.
+    """A hooked language model whose layers are matrix recurrences (and attention).
+
+    Supported: the families in `hooked_recurrent.families` (Qwen3.5, Mamba-2, ...).
 
     Hooks are added and removed exactly as in TransformerLens (``run_with_hooks``,
     ``run_with_cache``, ``hooks()``, ``add_hook``, ``reset_hooks``); ``model.hook_dict`` lists every
@@ -55,7 +59,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         torch.Size([2, 6, 4, 16, 24])
 
     Args:
-        hf_model: A supported HF causal LM (``Qwen3_5ForCausalLM``, ``Mamba2ForCausalLM``).
+        hf_model: An HF causal LM of a supported family (e.g. ``Qwen3_5ForCausalLM``).
         tokenizer: Its tokenizer, or None to work on token tensors only.
         model_name: Name recorded in ``cfg.model_name``.
     """
@@ -63,7 +67,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
     def __init__(self, hf_model: nn.Module, tokenizer: Any = None, model_name: str | None = None) -> None:
         super().__init__()
         hf_model = text_model_of(hf_model)
-        arch = architecture_of(hf_model)
+        arch = family_of(hf_model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.__dict__["architecture"] = arch
@@ -108,11 +112,12 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
     ) -> HookedRecurrentModel:
         """Load a model from a hub id, a local directory, or a built-in name.
 
-        Hub ids and local directories take the same path (``AutoModelForCausalLM``); a multimodal
-        Qwen3.5 checkpoint loads as its text model; Mamba-2 checkpoints in mamba_ssm's format are
-        converted. Built-in names (no download): ``stdlib:qwen3.5`` and ``stdlib:mamba2`` (small
-        models trained on the Python standard library, shipped in the package), and
-        ``tiny-random:qwen3.5`` / ``tiny-random:mamba2`` (random weights, for tests).
+        Hub ids and local directories take the same path (``AutoModelForCausalLM``); multimodal
+        checkpoints (Qwen3.5, Qwen3.5-MoE) load as their text model; Mamba-2 checkpoints in
+        mamba_ssm's format are converted. Built-in names (no download): ``stdlib:qwen3.5`` and
+        ``stdlib:mamba2`` (small models trained on the Python standard library, shipped in the
+        package), and ``tiny-random:<family>`` for every family, e.g. ``tiny-random:qwen3.5``
+        (random weights, for tests).
 
         Args:
             name_or_path: Hub id, local directory or built-in name.

@@ -59,24 +59,26 @@ def mamba2_factors(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, A: Tensor) -> Fa
     )
 
 
-GDN_INPUTS = ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay")
-MAMBA2_INPUTS = ("hook_x", "hook_B", "hook_C", "hook_dt")
+# Per recurrent layer kind: the hooks its reference factors are rebuilt from, and how.
+REFERENCES: dict[str, tuple[tuple[str, ...], Callable[..., Factors]]] = {
+    "gated_deltanet": (("hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay"), lambda mixer, *v: gdn_factors(*v)),
+    "mamba2": (
+        ("hook_x", "hook_B", "hook_C", "hook_dt"),
+        lambda mixer, *v: mamba2_factors(*v, -torch.exp(mixer.hf.A_log.detach().to(F64))),
+    ),
+}
 
 
 def input_hook_names(model, layer: int) -> list[str]:
     """The hooks from which `factors_from_cache` rebuilds a layer's factors."""
-    kind = model.cfg.layer_types[layer]
-    names = GDN_INPUTS if kind == "gated_deltanet" else MAMBA2_INPUTS
+    names, _ = REFERENCES[model.cfg.layer_types[layer]]
     return [model.cfg.hook_name(layer, n) for n in names]
 
 
 def factors_from_cache(model, cache, layer: int) -> Factors:
-    """Reference factors of a layer from its cached raw inputs (and, for Mamba-2, its A_log)."""
-    values = [cache[n] for n in input_hook_names(model, layer)]
-    if model.cfg.layer_types[layer] == "gated_deltanet":
-        return gdn_factors(*values)
-    A = -torch.exp(model.blocks[layer].mixer.hf.A_log.detach().to(F64))
-    return mamba2_factors(*values, A)
+    """Reference factors of a layer from its cached raw inputs (and its mixer's fixed parameters)."""
+    _, build = REFERENCES[model.cfg.layer_types[layer]]
+    return build(model.mixer(layer), *(cache[n] for n in input_hook_names(model, layer)))
 
 
 def native_write(f: Factors) -> Tensor:

@@ -3,16 +3,14 @@
 import pytest
 import torch
 
+from families import FAMILY_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
 from hooked_recurrent import RecurrentCache
 from hooked_recurrent.edits import delete_writes, scale_writes
 from hooked_recurrent.fork import fork, fork_from
 from reference import rel_err
 
-ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
-
-
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
 def pair(request):
     return tiny_pair(request.param)
 
@@ -184,7 +182,7 @@ def test_fork_caches_of_grouped_passes_continue_like_one_pass(pair):
 @torch.no_grad()
 def test_bad_cache_use_says_what_is_wrong(pair):
     model, _ = pair
-    other, _ = tiny_pair(ARCHS[0], seed=1)
+    other, _ = tiny_pair(FAMILY_PRESETS[0], seed=1)
     tokens = random_tokens(2, 12)
     cache = RecurrentCache(model, 2)
     model(tokens[:, :6], cache=cache)

@@ -7,8 +7,8 @@ from transformers import Mamba2ForCausalLM
 
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel, RecurrentCache
+from hooked_recurrent.families.mamba2 import Mamba2
 from hooked_recurrent.linear_response import LOGITS, cache_responses, linear_response, linear_responses
-from hooked_recurrent.presets import tiny_mamba2_config
 
 ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
 
@@ -110,7 +110,7 @@ def test_the_heads_own_reads_follow_the_propagated_edit(arch):
 def test_a_one_layer_mamba2_solved_by_hand():
     """dlogits = W_U J_final W_out J_gated_norm (prod alpha) dS^T C, each Jacobian written out."""
     torch.manual_seed(0)
-    hf = Mamba2ForCausalLM(tiny_mamba2_config(num_hidden_layers=1)).double().eval()
+    hf = Mamba2ForCausalLM(Mamba2.tiny_config(num_hidden_layers=1)).double().eval()
     model = HookedRecurrentModel(hf, model_name="one-layer")
     mixer, head, t0 = hf.backbone.layers[0].mixer, 4, 6
     tokens = random_tokens(1, 14, seed=5)

@@ -6,7 +6,8 @@ from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 from helpers import char_tokenizer, random_tokens
 from hooked_recurrent import HookedRecurrentModel
-from hooked_recurrent.presets import build_preset, tiny_qwen3_5_config
+from hooked_recurrent.families.qwen3_5 import Qwen3_5
+from hooked_recurrent.presets import build_preset
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_local_directory_loads_with_its_tokenizer(saved_dir):
 def test_multimodal_checkpoint_loads_as_its_text_model(tmp_path):
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=4, spatial_merge_size=2, temporal_patch_size=1)
-    config = Qwen3_5Config(text_config=tiny_qwen3_5_config().to_dict(), vision_config=vision)
+    config = Qwen3_5Config(text_config=Qwen3_5.tiny_config().to_dict(), vision_config=vision)
     torch.manual_seed(0)
     full = Qwen3_5ForConditionalGeneration(config).eval()
     full.save_pretrained(tmp_path)

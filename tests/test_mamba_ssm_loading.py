@@ -8,8 +8,9 @@ from safetensors.torch import save_file
 
 from helpers import random_tokens
 from hooked_recurrent import HookedRecurrentModel
+from hooked_recurrent.families.mamba2 import Mamba2
 from hooked_recurrent.loading.mamba_ssm import mamba2_config_from_ssm
-from hooked_recurrent.presets import build_preset, tiny_mamba2_config
+from hooked_recurrent.presets import build_preset
 
 
 def write_mamba_ssm_checkpoint(path, hf_model, weights_format: str) -> None:
@@ -66,4 +67,4 @@ def test_mamba_ssm_config_defaults_and_refusals():
         mamba2_config_from_ssm({"d_model": 8, "n_layer": 1, "vocab_size": 8, "ssm_cfg": {"layer": "Mamba1"}})
     with pytest.raises(ValueError, match="attention"):
         mamba2_config_from_ssm({"d_model": 8, "n_layer": 2, "vocab_size": 8, "attn_layer_idx": [1]})
-    assert tiny_mamba2_config().num_heads == 6
+    assert Mamba2.tiny_config().num_heads == 6

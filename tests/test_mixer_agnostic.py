@@ -1,8 +1,9 @@
-"""Code that consumes writes and states runs on Gated DeltaNet and Mamba-2 without branching."""
+"""Code that consumes writes and states runs on every family without branching."""
 
 import pytest
 import torch
 
+from families import FAMILY_PRESETS
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.edits import add_to_states, delete_writes, frobenius_cosine
@@ -26,16 +27,16 @@ def deletion_removes_exactly_the_write(model: HookedRecurrentModel, layer: int, 
     assert later[:, 0].min() > 0.5
 
 
-@pytest.mark.parametrize("arch", ["tiny-random:qwen3.5", "tiny-random:mamba2"])
+@pytest.mark.parametrize("arch", FAMILY_PRESETS)
 @torch.no_grad()
-def test_one_function_over_both_architectures(arch):
+def test_one_function_over_every_family(arch):
     model, _ = tiny_pair(arch)
     deletion_removes_exactly_the_write(model, layer=model.cfg.recurrent_layers[1], position=23, head=2)
 
 
-@pytest.mark.parametrize("arch", ["tiny-random:qwen3.5", "tiny-random:mamba2"])
+@pytest.mark.parametrize("arch", FAMILY_PRESETS)
 @torch.no_grad()
-def test_state_addition_helper_over_both_architectures(arch):
+def test_state_addition_helper_over_every_family(arch):
     model, _ = tiny_pair(arch)
     name = model.cfg.hook_name(0, "hook_state")
     delta = torch.ones(model.cfg.d_k, model.cfg.d_v)

@@ -6,9 +6,10 @@ import torch
 from transformers import Mamba2ForCausalLM
 
 import writesae  # noqa: F401
+from families import PROTOCOL_PRESETS
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel
-from hooked_recurrent.presets import tiny_mamba2_config
+from hooked_recurrent.families.mamba2 import Mamba2
 from writesae import WriteSAE, WriteSAEConfig
 from writesae.protocols.logit_shift import LogitShiftConfig, r_squared, run_logit_shift
 
@@ -31,7 +32,7 @@ def test_r_squared_by_hand():
 def test_exact_on_a_single_mamba2_layer():
     """No erase term, one layer, the exact output path: the prediction is the first-order shift."""
     torch.manual_seed(0)
-    model = HookedRecurrentModel(Mamba2ForCausalLM(tiny_mamba2_config(num_hidden_layers=1)).eval(), model_name="one-layer")
+    model = HookedRecurrentModel(Mamba2ForCausalLM(Mamba2.tiny_config(num_hidden_layers=1)).eval(), model_name="one-layer")
     sae = sae_for(model, 0, 2)
     tokens = random_tokens(4, 30, seed=2)
     config = LogitShiftConfig(epsilons=(1e-3, 2e-3), horizons=(1, 3, 6), path="jacobian", positions_per_prompt=2)
@@ -45,7 +46,7 @@ def test_exact_on_a_single_mamba2_layer():
     assert np.abs(measured - predicted).max() < 0.02 * np.abs(measured).max()
 
 
-@pytest.mark.parametrize("arch", ["tiny-random:qwen3.5", "tiny-random:mamba2"])
+@pytest.mark.parametrize("arch", PROTOCOL_PRESETS)
 def test_paper_path_runs_and_writes_its_run_directory(arch, tmp_path):
     model, _ = tiny_pair(arch)
     sae = sae_for(model, model.cfg.recurrent_layers[1], 1)

@@ -4,11 +4,9 @@ import pytest
 import torch
 
 import writesae  # noqa: F401  registers the architecture
+from families import FAMILY_PRESETS
 from helpers import random_tokens, tiny_pair
 from writesae import WriteSAE, WriteSAEConfig
-
-ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
-
 
 def make_sae(model, hook, head, layer=None, **meta):
     layer = model.cfg.recurrent_layers[1] if layer is None else layer
@@ -19,7 +17,7 @@ def make_sae(model, hook, head, layer=None, **meta):
     return WriteSAE(cfg, seed=0)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
 def model(request):
     return tiny_pair(request.param)[0]
 

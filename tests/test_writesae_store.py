@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from families import PROTOCOL_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
 from writesae.store import WriteStore, collect
 
-ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=PROTOCOL_PRESETS)
 def model(request):
     return tiny_pair(request.param)[0]
 

@@ -1,5 +1,5 @@
 """Loading HF models (hub ids, local directories, presets) for `HookedRecurrentModel`."""
 
-from .hf import check_model_name, load_hf_model, text_model_of
+from .hf import check_model_name, load_hf_model
 
-__all__ = ["check_model_name", "load_hf_model", "text_model_of"]
+__all__ = ["check_model_name", "load_hf_model"]

@@ -3,9 +3,10 @@
 Mamba-2 checkpoints in the original mamba_ssm format are recognised by their config and converted
 on the fly (`hooked_recurrent.loading.mamba_ssm`).
 
-``AutoModelForCausalLM`` maps a multimodal Qwen3.5 checkpoint (``Qwen3_5ForConditionalGeneration``,
-as published for ``Qwen/Qwen3.5-0.8B``) onto ``Qwen3_5ForCausalLM`` and ignores the vision tower,
-so a hub id and a local copy of the same checkpoint take exactly the same code path.
+``AutoModelForCausalLM`` maps a multimodal checkpoint (``Qwen3_5ForConditionalGeneration``, as
+published for ``Qwen/Qwen3.5-0.8B``, or ``Qwen3_5MoeForConditionalGeneration``) onto its causal
+text class and ignores the vision tower, so a hub id and a local copy of the same checkpoint take
+exactly the same code path.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ..families import text_model_of
 from ..presets import PRESETS, build_preset
 from ..pretrained import shipped_model_path
 from .mamba_ssm import is_mamba_ssm_config, load_mamba_ssm_checkpoint, read_config
 
-__all__ = ["check_model_name", "load_hf_model", "load_tokenizer", "text_model_of"]
+__all__ = ["check_model_name", "load_hf_model", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,20 +104,3 @@ def load_tokenizer(name_or_path: str) -> Any:
         return None
     # transformers builds an empty tokenizer from the config alone when no files exist.
     return tokenizer if len(tokenizer) > 1 else None
-
-
-def text_model_of(hf_model: nn.Module) -> nn.Module:
-    """The causal text model inside a multimodal Qwen3.5 model (sharing its modules), else the model.
-
-    Args:
-        hf_model: An HF model instance.
-    """
-    if type(hf_model).__name__ == "Qwen3_5ForConditionalGeneration":
-        from transformers import Qwen3_5ForCausalLM
-
-        with torch.device("meta"):
-            causal = Qwen3_5ForCausalLM(hf_model.config.text_config)
-        causal.model = hf_model.model.language_model
-        causal.lm_head = hf_model.lm_head
-        return causal.to(next(hf_model.parameters()).device)
-    return hf_model

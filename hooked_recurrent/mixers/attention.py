@@ -1,6 +1,7 @@
-"""Qwen3.5 gated attention with hook points.
+"""Attention layers with hook points.
 
-Hook points (at ``blocks.{l}.attn``)::
+`GatedAttentionHooks` recomputes the gated attention of the Qwen3.5 family (Qwen3.5, Qwen3.5-MoE,
+Qwen3-Next) with hook points (at ``blocks.{l}.attn``)::
 
     hook_q            [batch, pos, head, d_head]       queries after q_norm and RoPE
     hook_k            [batch, pos, kv_head, d_head]    keys after k_norm and RoPE (the cache write)
@@ -13,6 +14,9 @@ Hook points (at ``blocks.{l}.attn``)::
 
 When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the HF attention kernel
 (SDPA by default) runs unchanged; otherwise the pattern is computed explicitly.
+
+`AttentionOutputHooks` runs any other HF attention module as it is and hooks its output only
+(``hook_out``): the attention layers of hybrid families whose attention is not recomputed here.
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
 
 from ..hook_points import HookPoint
 
-__all__ = ["GatedAttentionHooks"]
+__all__ = ["GatedAttentionHooks", "AttentionOutputHooks"]
 
 
 class GatedAttentionHooks(nn.Module):
-    """Hook points of one Qwen3.5 attention layer; its forward replaces the HF module's.
+    """Hook points of one Qwen3.5-family attention layer; the block calls it in place of the HF module.
 
     Args:
-        hf_module: The ``Qwen3_5Attention`` it hooks (a plain reference, not re-registered).
+        hf_module: The ``Qwen3_5Attention`` (or Qwen3.5-MoE / Qwen3-Next equivalent) it computes
+            with (a plain reference, not re-registered).
     """
 
     def __init__(self, hf_module: nn.Module) -> None:
@@ -55,8 +60,8 @@ class GatedAttentionHooks(nn.Module):
         attention_mask: Tensor | None,
         cache: Any = None,
         **kwargs: Any,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Same computation as ``Qwen3_5Attention.forward``, with hooks."""
+    ) -> Tensor:
+        """Same computation as ``Qwen3_5Attention.forward``, with hooks (its output only)."""
         m = self.hf
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, m.head_dim)
@@ -74,12 +79,12 @@ class GatedAttentionHooks(nn.Module):
             key, value = cache.update(key, value, m.layer_idx, kwargs=kwargs)
 
         if self.hook_pattern.has_fwd_hooks() or self.hook_attn_scores.has_fwd_hooks():
-            z, weights = self._explicit_attention(query, key, value, attention_mask)
+            z = self._explicit_attention(query, key, value, attention_mask)
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 m.config._attn_implementation, hf_qwen.eager_attention_forward
             )
-            z, weights = attention(
+            z, _ = attention(
                 m,
                 query,
                 key,
@@ -92,11 +97,9 @@ class GatedAttentionHooks(nn.Module):
         z = self.hook_z(z)  # [batch pos head d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         out = (z.reshape(*input_shape, -1) * gate.reshape(*input_shape, -1)).contiguous()
-        return self.hook_out(m.o_proj(out)), weights
+        return self.hook_out(m.o_proj(out))
 
-    def _explicit_attention(
-        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def _explicit_attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
         m = self.hf
         key = hf_qwen.repeat_kv(key, m.num_key_value_groups)
         value = hf_qwen.repeat_kv(value, m.num_key_value_groups)
@@ -108,7 +111,24 @@ class GatedAttentionHooks(nn.Module):
             # (left-padded query positions); match it.
             pattern = pattern * attention_mask[..., : key.shape[2]].any(-1, keepdim=True)
         pattern = self.hook_pattern(pattern)
-        return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
+        return torch.matmul(pattern, value).transpose(1, 2).contiguous()
+
+
+class AttentionOutputHooks(nn.Module):
+    """The output of an HF attention layer that runs unchanged (``hook_out`` only).
+
+    Args:
+        hf_module: The HF attention module (a plain reference, not re-registered).
+    """
+
+    def __init__(self, hf_module: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["hf"] = hf_module
+        self.hook_out = HookPoint("batch pos d_model")
+
+    def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        """The HF module's output (without its attention weights), through ``hook_out``."""
+        return self.hook_out(self.hf(hidden_states=hidden_states, **kwargs)[0])
 
 
 def _additive_mask(mask: Tensor | None, scores: Tensor) -> Tensor:

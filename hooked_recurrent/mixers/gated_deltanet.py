@@ -1,16 +1,17 @@
-"""Gated DeltaNet (the linear-attention layers of Qwen3.5) with hook points.
+"""Gated DeltaNet and its relatives (the delta rule with a decay) with hook points.
 
 Hook points, in execution order (at ``blocks.{l}.linear_attn``)::
 
     hook_q_pre_conv      [batch, pos, key_head, d_k]   query projection before the short conv
     hook_k_pre_conv      [batch, pos, key_head, d_k]
     hook_v_pre_conv      [batch, pos, head, d_v]
-    hook_gate_input      [batch, pos, head, d_v]       z, the output gate's input
+    hook_gate_input      [batch, pos, head, d_v]       the output gate's input
     hook_q               [batch, pos, key_head, d_k]   after conv + SiLU, before L2 norm
     hook_k               [batch, pos, key_head, d_k]
     hook_v               [batch, pos, head, d_v]
-    hook_beta            [batch, pos, head]            write strength sigmoid(b)
-    hook_log_decay       [batch, pos, head]            g = log alpha (<= 0)
+    hook_beta            [batch, pos, head]            write strength beta_t
+    hook_log_decay       [batch, pos, head]            g = log alpha (<= 0); [..., head, d_k] for a
+                                                       decay per key channel (Kimi Delta Attention)
     hook_write_key       [batch, pos, head, d_k]       k_t, L2-normalised (repeated to value heads)
     hook_write_value     [batch, pos, head, d_v]       beta_t v_t
     hook_read_query      [batch, pos, head, d_k]       q_t, L2-normalised, times d_k^-1/2
@@ -21,39 +22,83 @@ Hook points, in execution order (at ``blocks.{l}.linear_attn``)::
     hook_recurrence_out  [batch, pos, head, d_v]       o_t = S_t^T q_t, before the gated norm
     hook_out             [batch, pos, d_model]         the layer's output projection
 
-The recurrence is ``S_t = alpha_t (S_{t-1} - beta_t k_t k_t^T S_{t-1}) + beta_t k_t v_t^T``. The
-write hooks carry the paper's native write ``beta_t k_t v_t^T``; transformers computes the equal
-``k_t (beta_t (v_t - alpha_t S_{t-1}^T k_t))^T``, whose erase part belongs to the decay map here.
+The recurrence is ``S_t = (I - beta_t k_t k_t^T) A_t S_{t-1} + beta_t k_t v_t^T`` with
+``A_t = alpha_t`` (Gated DeltaNet) or ``diag(alpha_t)`` (one decay per key channel). The write
+hooks carry the native write ``beta_t k_t v_t^T``; transformers computes the equal
+``k_t (beta_t (v_t - (A_t S_{t-1})^T k_t))^T``, whose erase part belongs to the decay map here.
 Factor, write and state tensors are float32 (float64 for float64 models), as in the kernels.
+
+`GatedDeltaNetMixer` is the shared computation; a family's subclass says where the inputs come
+from (`project`), which kernels transformers runs and how the output is normed and projected.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from ..hook_points import HookPoint
 from .base import MatrixRecurrentMixer, RecurrenceFactors
+from .steps import cached_state, hooked_split, mask_padding, short_convolution, store_state
 
-__all__ = ["GatedDeltaNetHooks"]
+__all__ = ["DeltaRuleInputs", "GatedDeltaNetMixer"]
 
 
-class GatedDeltaNetHooks(MatrixRecurrentMixer):
-    """Hook points of one Qwen3.5 Gated DeltaNet layer; its forward replaces the HF module's.
+@dataclass
+class DeltaRuleInputs:
+    """What a family's projections give the delta-rule mixer (from the padding-masked input).
 
-    Args:
-        hf_module: The ``Qwen3_5GatedDeltaNet`` it hooks (kept, not copied, not re-registered).
-        context: The model's `RunContext`.
+    Attributes:
+        qkv: Queries, keys and values before the short convolution, concatenated.
+        gate: The output gate's input.
+        beta: Write strengths after their activation.
+        log_decay: ``log alpha_t`` in the compute dtype, one per head or one per key channel.
     """
 
-    def __init__(self, hf_module: torch.nn.Module, context: Any = None) -> None:
-        super().__init__(hf_module.num_v_heads, hf_module.head_k_dim, hf_module.head_v_dim)
-        self.__dict__["hf"] = hf_module  # a plain reference: parameters stay at their HF path
-        self.__dict__["context"] = context
+    qkv: Float[Tensor, "batch pos channel"]
+    gate: Float[Tensor, "batch pos value_dim"]
+    beta: Float[Tensor, "batch pos head"]
+    log_decay: Float[Tensor, "batch pos head"] | Float[Tensor, "batch pos head d_k"]
+
+
+class GatedDeltaNetMixer(MatrixRecurrentMixer):
+    """Hook points of one delta-rule layer; the block calls it in place of the HF module.
+
+    Subclasses set the class attributes to transformers' functions of the family (wrapped in
+    ``staticmethod``) and implement `project`, `output` and `output_projection`.
+
+    Args:
+        hf_module: The HF layer it computes with (kept, not copied, not re-registered).
+        context: The model's `RunContext`.
+        n_heads: Value heads (the recurrent heads).
+        n_key_heads: Query/key heads, each shared by ``n_heads // n_key_heads`` value heads.
+        d_k: Key head width.
+        d_v: Value head width.
+        per_channel_decay: One decay per key channel instead of one per head.
+    """
+
+    chunk_kernel: ClassVar[Callable[..., tuple[Tensor, Tensor | None]]]
+    step_kernel: ClassVar[Callable[..., tuple[Tensor, Tensor | None]]]
+    l2norm: ClassVar[Callable[..., Tensor]]
+
+    def __init__(
+        self,
+        hf_module: nn.Module,
+        context: Any,
+        *,
+        n_heads: int,
+        n_key_heads: int,
+        d_k: int,
+        d_v: int,
+        per_channel_decay: bool = False,
+    ) -> None:
+        super().__init__(hf_module, context, n_heads, d_k, d_v, per_channel_decay=per_channel_decay)
+        self.n_key_heads = n_key_heads
         self.hook_q_pre_conv = HookPoint("batch pos key_head d_k")
         self.hook_k_pre_conv = HookPoint("batch pos key_head d_k")
         self.hook_v_pre_conv = HookPoint("batch pos head d_v")
@@ -64,60 +109,43 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
         self.hook_beta = HookPoint("batch pos head")
         self.hook_out = HookPoint("batch pos d_model")
 
+    def project(self, hidden_states: Tensor, compute_dtype: torch.dtype) -> DeltaRuleInputs:
+        """The layer's projections of its (padding-masked) input."""
+        raise NotImplementedError
+
+    def output(
+        self, core_out: Float[Tensor, "batch pos head d_v"], gate: Float[Tensor, "batch pos head d_v"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The gated norm and output projection of the reads."""
+        raise NotImplementedError
+
     def forward(
-        self,
-        hidden_states: Tensor,
-        cache: Any = None,
-        attention_mask: Tensor | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """Same computation and cache updates as ``Qwen3_5GatedDeltaNet.forward``, with hooks."""
+        self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Same computation and cache updates as the HF layer's forward, with hooks."""
         m = self.hf
-        attention_mask = self.padding_mask(attention_mask)
-        hidden_states = hf_qwen.apply_mask_to_padding_states(hidden_states, attention_mask)
+        hidden_states = mask_padding(hidden_states, self.padding_mask(attention_mask))
         batch, length, _ = hidden_states.shape
-        if cache is not None:
-            conv_state = cache.get_conv_state(m.layer_idx, state_idx=0)
-            recurrent_state = cache.get_recurrent_state(m.layer_idx, state_idx=0)
-        else:
-            conv_state, recurrent_state = None, None
-
-        mixed_qkv = self._pre_conv_hooks(m.in_proj_qkv(hidden_states), batch, length)
-        z = self.hook_gate_input(m.in_proj_z(hidden_states).reshape(batch, length, -1, m.head_v_dim))
-        b = m.in_proj_b(hidden_states)
-        a = m.in_proj_a(hidden_states)
-
-        mixed_qkv = mixed_qkv.transpose(1, 2)
-        if conv_state is not None and length == 1 and not cache.is_recording_past(m.layer_idx):
-            mixed_qkv = hf_qwen.causal_conv1d_update(
-                mixed_qkv, conv_state, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation
-            )
-        else:
-            if cache is not None:
-                mixed_qkv = cache.update_conv_state(mixed_qkv, m.layer_idx, conv_kernel_size=m.conv_kernel_size)
-            mixed_qkv = hf_qwen.causal_conv1d_fn(
-                mixed_qkv, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation, **kwargs
-            )
-            if cache is not None:
-                mixed_qkv = mixed_qkv[:, :, -length:]
-        mixed_qkv = mixed_qkv.transpose(1, 2)
-        query, key, value = torch.split(mixed_qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
-        query = self.hook_q(query.reshape(batch, length, -1, m.head_k_dim))
-        key = self.hook_k(key.reshape(batch, length, -1, m.head_k_dim))
-        value = self.hook_v(value.reshape(batch, length, -1, m.head_v_dim))
-
+        recurrent_state = cached_state(cache, m.layer_idx)
         # float32 like the kernels, except for float64 models (exact checks).
         compute_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-        beta = self.hook_beta(b.sigmoid())
-        g = self.hook_log_decay(-m.A_log.to(compute_dtype).exp() * F.softplus(a.to(compute_dtype) + m.dt_bias))
+        inputs = self.project(hidden_states, compute_dtype)
+
+        heads, key_heads, d_k, d_v = self.n_heads, self.n_key_heads, self.d_k, self.d_v
+        pre_conv = [self.hook_q_pre_conv, self.hook_k_pre_conv, self.hook_v_pre_conv]
+        mixed_qkv = hooked_split(inputs.qkv, list(zip(pre_conv, [key_heads, key_heads, heads], [d_k, d_k, d_v])))
+        gate = self.hook_gate_input(inputs.gate.reshape(batch, length, heads, d_v))
+        mixed_qkv = short_convolution(mixed_qkv, m.conv1d, m.activation, cache, m.layer_idx)
+        query, key, value = torch.split(mixed_qkv, [key_heads * d_k, key_heads * d_k, heads * d_v], dim=-1)
+        query = self.hook_q(query.reshape(batch, length, key_heads, d_k))
+        key = self.hook_k(key.reshape(batch, length, key_heads, d_k))
+        value = self.hook_v(value.reshape(batch, length, heads, d_v))
+        beta = self.hook_beta(inputs.beta)
+        g = self.hook_log_decay(inputs.log_decay)
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
 
         def native() -> tuple[Tensor, Tensor | None]:
-            kernel = (
-                hf_qwen.torch_recurrent_gated_delta_rule
-                if recurrent_state is not None and length == 1
-                else hf_qwen.torch_chunk_gated_delta_rule
-            )
+            kernel = self.step_kernel if recurrent_state is not None and length == 1 else self.chunk_kernel
             return kernel(
                 query,
                 key,
@@ -128,20 +156,19 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
                 output_final_state=cache is not None,
                 use_qk_l2norm_in_kernel=True,
                 cu_seqlens=cu_seqlens,
-                **kwargs,
             )
 
         def factors() -> RecurrenceFactors:
             # The same normalisation, repetition and scaling the kernels apply internally.
-            repeat = m.num_v_heads // m.num_k_heads
-            q_hat = hf_qwen.l2norm(query.to(compute_dtype), dim=-1, eps=1e-6)
-            k_hat = hf_qwen.l2norm(key.to(compute_dtype), dim=-1, eps=1e-6)
+            repeat = heads // key_heads
+            q_hat = self.l2norm(query.to(compute_dtype), dim=-1, eps=1e-6)
+            k_hat = self.l2norm(key.to(compute_dtype), dim=-1, eps=1e-6)
             if repeat > 1:
                 q_hat = q_hat.repeat_interleave(repeat, dim=2)
                 k_hat = k_hat.repeat_interleave(repeat, dim=2)
             beta_c = beta.to(compute_dtype)
             return RecurrenceFactors(
-                query=q_hat * m.head_k_dim**-0.5,
+                query=q_hat * d_k**-0.5,
                 key=k_hat,
                 value=value.to(compute_dtype) * beta_c[..., None],
                 log_decay=g.to(compute_dtype),
@@ -155,19 +182,5 @@ class GatedDeltaNetHooks(MatrixRecurrentMixer):
             output_dtype=query.dtype,
         )
         if cache is not None:
-            cache.update_recurrent_state(final_state, m.layer_idx)
-
-        core_out = m.norm(core_out.reshape(-1, m.head_v_dim), z.reshape(-1, m.head_v_dim))
-        return self.hook_out(m.out_proj(core_out.reshape(batch, length, -1)))
-
-    def _pre_conv_hooks(self, mixed_qkv: Tensor, batch: int, length: int) -> Tensor:
-        """Fire the pre-conv hooks (only splitting the projection when one is attached)."""
-        points = (self.hook_q_pre_conv, self.hook_k_pre_conv, self.hook_v_pre_conv)
-        if not any(p.has_fwd_hooks() for p in points):
-            return mixed_qkv
-        m = self.hf
-        q, k, v = torch.split(mixed_qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
-        q = self.hook_q_pre_conv(q.reshape(batch, length, -1, m.head_k_dim))
-        k = self.hook_k_pre_conv(k.reshape(batch, length, -1, m.head_k_dim))
-        v = self.hook_v_pre_conv(v.reshape(batch, length, -1, m.head_v_dim))
-        return torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+            store_state(cache, m.layer_idx, final_state)
+        return self.hook_out(self.output(core_out, gate))

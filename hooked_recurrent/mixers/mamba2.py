@@ -36,27 +36,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.models.mamba2 import modeling_mamba2 as hf_mamba
 
 from ..hook_points import HookPoint, fire
 from .base import MatrixRecurrentMixer, RecurrenceFactors
+from .steps import cached_state, hooked_split, mask_padding, short_convolution, store_state
 
-__all__ = ["Mamba2MixerHooks"]
+__all__ = ["Mamba2Mixer"]
 
 
-class Mamba2MixerHooks(MatrixRecurrentMixer):
-    """Hook points of one Mamba-2 mixer; its forward replaces the HF module's.
+class Mamba2Mixer(MatrixRecurrentMixer):
+    """Hook points of one Mamba-2 mixer; the block calls it in place of the HF module.
+
+    It reads the attribute names transformers' Mamba-2 mixers share (``in_proj``, ``conv1d``,
+    ``A_log``, ``dt_bias``, ``D``, ``norm``, ``out_proj``...).
 
     Args:
-        hf_module: The ``Mamba2Mixer`` it hooks (a plain reference, not re-registered).
+        hf_module: The ``Mamba2Mixer`` it computes with (a plain reference, not re-registered).
         context: The model's `RunContext`.
     """
 
-    def __init__(self, hf_module: torch.nn.Module, context: Any = None) -> None:
-        super().__init__(hf_module.num_heads, hf_module.ssm_state_size, hf_module.head_dim)
-        self.__dict__["hf"] = hf_module
-        self.__dict__["context"] = context
+    def __init__(self, hf_module: nn.Module, context: Any = None) -> None:
+        super().__init__(hf_module, context, hf_module.num_heads, hf_module.ssm_state_size, hf_module.head_dim)
         self.hook_x_pre_conv = HookPoint("batch pos head head_dim")
         self.hook_B_pre_conv = HookPoint("batch pos group d_state")
         self.hook_C_pre_conv = HookPoint("batch pos group d_state")
@@ -67,6 +69,10 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
         self.hook_dt = HookPoint("batch pos head")
         self.hook_skip = HookPoint("batch pos head head_dim")
         self.hook_out = HookPoint("batch pos d_model")
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.hf.out_proj
 
     def forward(
         self,
@@ -80,36 +86,19 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
         batch, length, _ = hidden_states.shape
         dtype = hidden_states.dtype
         heads, head_dim, groups, d_state = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size
-        if cache is not None:
-            conv_state = cache.get_conv_state(m.layer_idx, state_idx=0)
-            recurrent_state = cache.get_recurrent_state(m.layer_idx, state_idx=0)  # [b h head_dim d_state]
-        else:
-            conv_state, recurrent_state = None, None
+        recurrent_state = cached_state(cache, m.layer_idx)  # [b h head_dim d_state]
 
         # float32 like the kernels, except for float64 models (exact checks).
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         attention_mask = self.padding_mask(attention_mask)
-        hidden_states = hf_mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
+        hidden_states = mask_padding(hidden_states, attention_mask)
         projected = m.in_proj(hidden_states)
         A = -torch.exp(m.A_log.to(compute_dtype))
         gate, xBC, dt = projected.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
         gate = self.hook_gate_input(gate.reshape(batch, length, heads, head_dim)).reshape(batch, length, -1)
-        xBC = self._pre_conv_hooks(xBC, batch, length)
-
-        xBC = xBC.transpose(1, 2)
-        if conv_state is not None and length == 1 and not cache.is_recording_past(m.layer_idx):
-            xBC = hf_mamba.causal_conv1d_update(
-                xBC, conv_state, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation
-            )
-        else:
-            if cache is not None:
-                xBC = cache.update_conv_state(xBC, m.layer_idx, conv_kernel_size=m.conv_kernel_size)
-            xBC = hf_mamba.causal_conv1d_fn(
-                xBC, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation, **kwargs
-            )
-            if cache is not None:
-                xBC = xBC[:, :, -length:]
-        xBC = hf_mamba.apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)
+        pre_conv = [self.hook_x_pre_conv, self.hook_B_pre_conv, self.hook_C_pre_conv]
+        xBC = hooked_split(xBC, list(zip(pre_conv, [heads, groups, groups], [head_dim, d_state, d_state])))
+        xBC = mask_padding(short_convolution(xBC, m.conv1d, m.activation, cache, m.layer_idx), attention_mask)
         x, B, C = torch.split(xBC, [m.intermediate_size, groups * d_state, groups * d_state], dim=-1)
         x = self.hook_x(x.reshape(batch, length, heads, head_dim))
         B = self.hook_B(B.reshape(batch, length, groups, d_state))
@@ -146,7 +135,6 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
                 initial_states=recurrent_state,
                 dt_softplus=False,
                 return_final_states=cache is not None,
-                **kwargs,
             )
             if cache is None:
                 return result, None
@@ -171,22 +159,9 @@ class Mamba2MixerHooks(MatrixRecurrentMixer):
             output_dtype=compute_dtype,
         )
         if cache is not None:
-            cache.update_recurrent_state(final_state.transpose(-1, -2).contiguous(), layer_idx=m.layer_idx)
+            store_state(cache, m.layer_idx, final_state.transpose(-1, -2).contiguous())
 
         skip = self.hook_skip(m.D.to(compute_dtype)[:, None] * x.to(compute_dtype))
         scan_output = (reads + skip).reshape(batch, length, -1)
         scan_output = m.norm(scan_output, gate)
         return self.hook_out(m.out_proj(scan_output.to(dtype)))
-
-    def _pre_conv_hooks(self, xBC: Tensor, batch: int, length: int) -> Tensor:
-        """Fire the pre-conv hooks (only splitting the projection when one is attached)."""
-        points = (self.hook_x_pre_conv, self.hook_B_pre_conv, self.hook_C_pre_conv)
-        if not any(p.has_fwd_hooks() for p in points):
-            return xBC
-        m = self.hf
-        sizes = [m.intermediate_size, m.n_groups * m.ssm_state_size, m.n_groups * m.ssm_state_size]
-        x, B, C = torch.split(xBC, sizes, dim=-1)
-        x = self.hook_x_pre_conv(x.reshape(batch, length, m.num_heads, m.head_dim))
-        B = self.hook_B_pre_conv(B.reshape(batch, length, m.n_groups, m.ssm_state_size))
-        C = self.hook_C_pre_conv(C.reshape(batch, length, m.n_groups, m.ssm_state_size))
-        return torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
