@@ -2,11 +2,16 @@
 
 Per lane (one batch element and one head) the state is a matrix ``S`` of shape ``[d_k, d_v]``::
 
-    S_t = alpha_t * (S_{t-1} - e_t k_t (k_t^T S_{t-1})) + k_t u_t^T      # decay/erase, then write
-    o_t = S_t^T q_t                                                    # read
+    S_t = (I - e_t k_t k_t^T) A_t S_{t-1} + k_t u_t^T      # decay, erase, then write
+    o_t = S_t^T q_t                                       # read
 
-``alpha_t = exp(g_t)`` is the decay, ``e_t`` the erase strength (``beta_t`` for Gated DeltaNet,
-absent for Mamba-2) and ``k_t u_t^T`` the native rank-1 write. This module computes that
+The decay ``A_t`` is either one number per lane and position, ``alpha_t = exp(g_t)`` (Gated
+DeltaNet, Mamba-2, MiniMax), or one per key channel, ``diag(exp(g_t))`` with ``g_t`` of width
+``d_k`` (Kimi Delta Attention; Mamba-1 as one lane per channel with ``d_v = 1``): the scalar decay
+is the diagonal one with equal channels, and keeps its own faster path here. ``e_t`` is the erase
+strength (``beta_t`` for the delta rule, absent for Mamba-2) and ``k_t u_t^T`` the native rank-1
+write. With a scalar decay the update reads ``alpha_t (S_{t-1} - e_t k_t k_t^T S_{t-1}) + k_t u_t^T``.
+This module computes that
 recurrence for a set of lanes, chunk-parallel (the WY/UT form used by the Gated DeltaNet kernels,
 which reduces to plain gated linear attention when there is no erase), optionally returning the
 state after every position, and with *edits*: at chosen positions the write or the state of
@@ -18,6 +23,7 @@ Everything runs in the dtype of the inputs; callers pass float32 (or float64 for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,19 +41,24 @@ class RecurrenceInputs:
         query: Read queries ``q_t``.
         key: Key factors ``k_t`` of the native writes (also the erase direction).
         value: Value factors ``u_t`` of the native writes.
-        log_decay: ``g_t = log alpha_t`` (<= 0).
+        log_decay: ``g_t = log alpha_t`` (<= 0): one per lane and position, or one per key channel.
         erase: Erase strengths ``e_t``, or None for no erase (Mamba-2, gated linear attention).
     """
 
     query: Float[Tensor, "lane pos d_k"]
     key: Float[Tensor, "lane pos d_k"]
     value: Float[Tensor, "lane pos d_v"]
-    log_decay: Float[Tensor, "lane pos"]
+    log_decay: Float[Tensor, "lane pos"] | Float[Tensor, "lane pos d_k"]
     erase: Float[Tensor, "lane pos"] | None = None
 
     @property
     def length(self) -> int:
         return self.key.shape[1]
+
+    @property
+    def per_channel_decay(self) -> bool:
+        """Whether the decay is diagonal (one per key channel) rather than one number."""
+        return self.log_decay.dim() == 3
 
     def positions(self, start: int, stop: int) -> RecurrenceInputs:
         """The inputs of positions ``start:stop``."""
@@ -100,14 +111,18 @@ def chunked_scan(
 ) -> RecurrenceResult:
     """Run the recurrence over all positions, chunk-parallel.
 
-    Inside a chunk with start state ``S0`` and cumulative log-decay ``G_t``, unrolling gives
-    ``S_t = e^{G_t} S0 + sum_{j<=t} e^{G_t-G_j} k_j r_j^T`` where the effective writes
-    ``r_t = u_t - e_t alpha_t S_{t-1}^T k_t`` solve one unit-lower-triangular system per chunk.
+    Inside a chunk with start state ``S0`` and cumulative log-decay ``G_t`` (per key channel
+    ``c`` for a diagonal decay), unrolling gives
+    ``S_t = e^{G_t} S0 + sum_{j<=t} e^{G_t-G_j} k_j r_j^T`` (the exponentials scaling the rows)
+    where the effective writes ``r_t = u_t - e_t (A_t S_{t-1})^T k_t`` solve one
+    unit-lower-triangular system per chunk.
 
     Args:
         inputs: Per-position inputs.
         initial_state: State before the first position.
-        chunk_size: Positions per chunk (clipped to the sequence length).
+        chunk_size: Positions per chunk (clipped to the sequence length). A diagonal decay holds
+            ``chunk_size * d_k`` numbers per position (the decay between every pair of
+            positions of a chunk, per channel), so mixers with tiny states pick small chunks.
         return_states: Also return the state after every position (memory ``pos * d_k * d_v``).
 
     Returns:
@@ -129,49 +144,118 @@ def chunked_scan(
         return x.reshape(lanes, n_chunks, chunk, *x.shape[2:])
 
     q, k, u = chunks(inputs.query), chunks(inputs.key), chunks(inputs.value)
-    cum = chunks(inputs.log_decay).cumsum(-1)  # [lane, chunk, pos]
+    erase = None if inputs.erase is None else chunks(inputs.erase)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-    # decay[t, j] = exp(G_t - G_j) for j <= t; masked before exp so nothing overflows.
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
-    if inputs.erase is not None:
-        erase = chunks(inputs.erase)
-        erase_key = k * erase[..., None]
-        system = (erase_key @ k.transpose(-1, -2)) * decay  # only its strict lower part is read
-        # One solve for both right-hand sides: the values and the state-dependent part.
-        solved = torch.linalg.solve_triangular(
-            system, torch.cat([u, erase_key * cum.exp()[..., None]], dim=-1), upper=False, unitriangular=True
-        )
-        writes_from_values, writes_from_state = solved[..., :d_v], solved[..., d_v:]
+    if inputs.per_channel_decay:
+        cum = chunks(inputs.log_decay).cumsum(2)  # [lane, chunk, pos, d_k]
+        row_decay = cum  # per position and channel
     else:
-        writes_from_values, writes_from_state = u, None
+        cum = chunks(inputs.log_decay).cumsum(-1)  # [lane, chunk, pos]
+        decay = _masked_exp(cum[..., :, None] - cum[..., None, :], ~causal)  # exp(G_t - G_j), j <= t
+        row_decay = cum[..., None]  # broadcast over d_k
+    q_decayed = q * row_decay.exp()
+    k_to_end = k * (row_decay[:, :, -1:] - row_decay).exp()
+    chunk_decay = row_decay[:, :, -1].exp()[..., None]  # [lane, chunk, d_k or 1, 1]: scales the rows
 
-    scores = (q @ k.transpose(-1, -2)) * decay  # [lane, chunk, t, j]
-    q_decayed = q * cum.exp()[..., None]
-    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # [lane, chunk, 1, 1]
+    def within(c: int | slice, pairwise: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The readers of the start state, the writes from the values, and the decayed scores."""
+        if erase is None:
+            return q_decayed[:, c], u[:, c], pairwise(q[:, c])
+        erase_key = k[:, c] * erase[:, c, ..., None]
+        system = pairwise(erase_key)  # only its strict lower part is read
+        # One solve for both right-hand sides: the values and the state-dependent part.
+        rhs = torch.cat([u[:, c], erase_key * row_decay[:, c].exp()], dim=-1)
+        solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        # Both reads of the chunk's start state in one product: [writes_from_state; q_decayed] @ state.
+        readers = torch.cat([solved[..., d_v:], q_decayed[:, c]], dim=-2)
+        return readers, solved[..., :d_v], pairwise(q[:, c])
+
+    if inputs.per_channel_decay:
+        # Chunk by chunk: the per-channel decays of a chunk's pairs are the largest tensors here.
+        def operators(c: int) -> tuple[Tensor, Tensor, Tensor]:
+            return within(c, _DecayedKeys(k[:, c], cum[:, c]).products)
+
+        def pair_decay(c: int) -> Tensor:  # exp(G_tc - G_jc) for j <= t: [lane, t, j, d_k]
+            return _masked_exp(cum[:, c, :, None] - cum[:, c, None], ~causal[..., None])
+
+    else:
+        all_chunks = within(slice(None), lambda a: (a @ k.transpose(-1, -2)) * decay)
+
+        def operators(c: int) -> tuple[Tensor, Tensor, Tensor]:
+            return tuple(x[:, c] for x in all_chunks)
+
+        def pair_decay(c: int) -> Tensor:
+            return decay[:, c, ..., None]  # broadcast over d_k
 
     outputs = []
     all_states = []
     state = initial_state
-    # Both reads of the chunk's start state in one product: [writes_from_state; q_decayed] @ state.
-    readers = q_decayed if writes_from_state is None else torch.cat([writes_from_state, q_decayed], dim=-2)
     for c in range(n_chunks):
-        read = readers[:, c] @ state
-        writes = writes_from_values[:, c]
-        if writes_from_state is not None:
+        readers, writes, scores = operators(c)
+        read = readers @ state
+        if erase is not None:
             writes = writes - read[:, :chunk]
             read = read[:, chunk:]
-        outputs.append(read + scores[:, c] @ writes)
+        outputs.append(read + scores @ writes)
         if return_states:
-            start_part = cum[:, c].exp()[..., None, None] * state[:, None]
-            weighted_keys = decay[:, c, :, :, None] * k[:, c, None, :, :]  # [lane, t, j, d_k]
+            start_part = row_decay[:, c].exp()[..., None] * state[:, None]
+            weighted_keys = pair_decay(c) * k[:, c, None, :, :]  # [lane, t, j, d_k]
             all_states.append(start_part + weighted_keys.transpose(-1, -2) @ writes[:, None])
         state = chunk_decay[:, c] * state + k_to_end[:, c].transpose(-1, -2) @ writes
 
     output = torch.cat(outputs, dim=1)[:, :length]
     states = torch.cat(all_states, dim=1)[:, :length] if return_states else None
     return RecurrenceResult(output, state, states)
+
+
+def _masked_exp(exponent: Tensor, masked: Tensor) -> Tensor:
+    """``exp`` with the masked entries set to 0 (masked before ``exp``, so nothing overflows)."""
+    return exponent.masked_fill(masked, float("-inf")).exp()
+
+
+class _DecayedKeys:
+    """A chunk's keys with a decay per key channel, against which `products` scores any vectors.
+
+    ``products(a)[t, j] = sum_c a_tc k_jc exp(G_tc - G_jc)`` for ``j <= t`` (0 above the
+    diagonal). ``G`` falls along positions, so no factor ``exp(-G)`` may be formed. Positions are
+    cut into blocks; a pair in blocks ``J < T`` factors as ``exp(G_t - G_m) exp(G_m - G_e)
+    exp(G_e - G_j)``, with ``m`` the first position of ``T`` and ``e`` the last of ``J``: every
+    exponent is <= 0, and the middle factor is one per pair of blocks, so the rows of a block
+    against all earlier positions are one matrix product. Only pairs within a block take the
+    per-channel product position by position. Memory per lane is ``pos^2 d_k / block +
+    pos * block * d_k``, not ``pos^2 d_k``.
+
+    Args:
+        key: ``[lane, pos, d_k]``.
+        cum: Cumulative log-decays ``G``, ``[lane, pos, d_k]``.
+        block: Positions per block (a chunk whose length it does not divide is one block).
+    """
+
+    def __init__(self, key: Float[Tensor, "lane pos d_k"], cum: Float[Tensor, "lane pos d_k"], block: int = 8) -> None:
+        lanes, length, d = key.shape
+        size = block if length % block == 0 else length
+        n = length // size
+        self.shape = (lanes, n, size, d)
+        g, keys = cum.reshape(self.shape), key.reshape(self.shape)
+        first, last = g[:, :, :1], g[:, :, -1:]  # G at the first and last position of each block
+        self.to_first = (g - first).exp()  # exp(G_t - G_m(t))
+        earlier = torch.ones(n, n, dtype=torch.bool, device=key.device).tril(-1)  # blocks J < T
+        between = _masked_exp(first - last.transpose(1, 2), ~earlier[..., None])  # [lane, T, J, d]
+        keys_to_last = keys * (last - g).exp()  # exp(G_e(j) - G_j) k_j
+        # Block T's view of every earlier key: [lane, T, pos, d] (zero from block T on).
+        self.earlier_keys = (keys_to_last[:, None] * between[:, :, :, None]).reshape(lanes, n, length, d)
+        causal = torch.ones(size, size, dtype=torch.bool, device=key.device).tril()
+        decay = _masked_exp(g[:, :, :, None] - g[:, :, None], ~causal[..., None])  # [lane, n, t, j, d]
+        self.inside_keys = keys[:, :, None] * decay
+        self.on_diagonal = torch.eye(n, dtype=key.dtype, device=key.device)[:, None, :, None]
+
+    def products(self, a: Float[Tensor, "lane pos d_k"]) -> Float[Tensor, "lane pos pos"]:
+        lanes, n, size, d = self.shape
+        a = a.reshape(self.shape)
+        across = (a * self.to_first) @ self.earlier_keys.transpose(-1, -2)  # [lane, T, t, pos]
+        inside = (self.inside_keys @ a[..., None])[..., 0]  # [lane, n, t, j]
+        rows = across + (inside[:, :, :, None, :] * self.on_diagonal).reshape(lanes, n, size, n * size)
+        return rows.reshape(lanes, n * size, n * size)
 
 
 def step(
@@ -186,14 +270,14 @@ def step(
         ``(o_t, S_t)``.
     """
     q, k, u = inputs.query[:, position], inputs.key[:, position], inputs.value[:, position]
-    alpha = inputs.log_decay[:, position].exp()[:, None, None]
+    alpha = inputs.log_decay[:, position].exp()
+    state = state * (alpha[:, :, None] if inputs.per_channel_decay else alpha[:, None, None])
     if inputs.erase is not None:
-        erased = inputs.erase[:, position, None, None] * k[:, :, None] * (k[:, None, :] @ state)
-        state = state - erased
+        state = state - inputs.erase[:, position, None, None] * k[:, :, None] * (k[:, None, :] @ state)
     write = k[:, :, None] * u[:, None, :]
     if edit is not None and edit.write is not None:
         write = torch.where(edit.write_lanes[:, None, None], edit.write.to(write.dtype), write)
-    state = alpha * state + write
+    state = state + write
     if edit is not None and edit.state is not None:
         state = torch.where(edit.state_lanes[:, None, None], edit.state.to(state.dtype), state)
     return (state * q[:, :, None]).sum(-2), state

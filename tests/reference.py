@@ -3,8 +3,9 @@
 docs/design.md §2, per batch element and head, state S of shape [d_k, d_v]::
 
     S_t = D_t(S_{t-1}) + W_t,      W_t = k_t u_t^T,      o_t = S_t^T q_t
-    Gated DeltaNet: D_t(S) = alpha_t (S - beta_t k_t (k_t^T S)), u_t = beta_t v_t, alpha_t = exp(g_t)
-    Mamba-2:        D_t(S) = exp(dt_t A_h) S,                  k_t = B_t, u_t = dt_t x_t, q_t = C_t
+    D_t(S) = (I - e_t k_t k_t^T) A_t S,  A_t = exp(g_t) (one number) or diag(exp(g_t)) (g_t of width d_k)
+    Gated DeltaNet: e_t = beta_t, u_t = beta_t v_t
+    Mamba-2:        no erase, g_t = dt_t A_h, k_t = B_t, u_t = dt_t x_t, q_t = C_t
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Factors:
     query: Tensor  # [b, t, h, d_k]
     key: Tensor  # [b, t, h, d_k]
     value: Tensor  # [b, t, h, d_v]  (u_t)
-    log_decay: Tensor  # [b, t, h]
+    log_decay: Tensor  # [b, t, h], or [b, t, h, d_k] for a decay per key channel
     erase: Tensor | None  # [b, t, h] or None
 
 
@@ -59,14 +60,35 @@ def mamba2_factors(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, A: Tensor) -> Fa
     )
 
 
+def linear_attention_factors(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Factors:
+    """Linear attention with a decay (MiniMax's lightning attention): S_t = exp(g_t) S_{t-1} + k_t v_t^T."""
+    q, k, v, g = (x.to(F64) for x in (q, k, v, g))
+    return Factors(query=q, key=k, value=v, log_decay=g, erase=None)
+
+
+DELTA_RULE_INPUTS = ("hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay")
+
 # Per recurrent layer kind: the hooks its reference factors are rebuilt from, and how.
 REFERENCES: dict[str, tuple[tuple[str, ...], Callable[..., Factors]]] = {
-    "gated_deltanet": (("hook_q", "hook_k", "hook_v", "hook_beta", "hook_log_decay"), lambda mixer, *v: gdn_factors(*v)),
+    "gated_deltanet": (DELTA_RULE_INPUTS, lambda mixer, *v: gdn_factors(*v)),
+    # Kimi Delta Attention: the same factors, with a log-decay per key channel.
+    "kimi_delta_attention": (DELTA_RULE_INPUTS, lambda mixer, *v: gdn_factors(*v)),
     "mamba2": (
         ("hook_x", "hook_B", "hook_C", "hook_dt"),
         lambda mixer, *v: mamba2_factors(*v, -torch.exp(mixer.hf.A_log.detach().to(F64))),
     ),
+    "lightning_attention": (("hook_q", "hook_k", "hook_v", "hook_log_decay"), lambda mixer, *v: linear_attention_factors(*v)),
 }
+
+
+def hf_cached_state(hf_cache, layer: int) -> Tensor:
+    """The recurrent state transformers' own cache holds for a layer, in transformers' layout.
+
+    (``MiniMaxCache`` keeps its states in a list of its own rather than in its layers.)
+    """
+    if hasattr(hf_cache, "linear_cache"):
+        return hf_cache.linear_cache[layer]
+    return hf_cache.layers[layer].recurrent_states[0]
 
 
 def input_hook_names(model, layer: int) -> list[str]:
@@ -109,13 +131,15 @@ def recurrence(
     states, reads = [], []
     for t in range(t_len):
         k = f.key[:, t]
-        alpha = torch.exp(f.log_decay[:, t])[..., None, None]
+        alpha = torch.exp(f.log_decay[:, t])
+        # One decay per head scales the whole state; one per key channel scales its rows.
+        state = state * (alpha[..., None] if alpha.dim() == 3 else alpha[..., None, None])
         if f.erase is not None:
             state = state - f.erase[:, t][..., None, None] * torch.einsum("bhk,bhj,bhjv->bhkv", k, k, state)
         write = torch.einsum("bhk,bhv->bhkv", k, f.value[:, t])
         if write_override is not None:
             write = write_override(t, write).to(F64)
-        state = alpha * state + write
+        state = state + write
         if state_override is not None:
             state = state_override(t, state).to(F64)
         states.append(state)

@@ -9,16 +9,20 @@ from reference import Factors, recurrence, rel_err
 F64 = torch.float64
 
 
-def lane_inputs(lanes=3, length=133, d_k=8, d_v=12, erase=True, seed=0):
+def lane_inputs(lanes=3, length=133, d_k=8, d_v=12, erase=True, per_channel=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     key = torch.nn.functional.normalize(torch.randn(lanes, length, d_k, generator=g, dtype=F64), dim=-1)
-    return RecurrenceInputs(
-        query=torch.randn(lanes, length, d_k, generator=g, dtype=F64),
-        key=key,
-        value=torch.randn(lanes, length, d_v, generator=g, dtype=F64),
-        log_decay=-torch.rand(lanes, length, generator=g, dtype=F64) * 0.3,
-        erase=torch.rand(lanes, length, generator=g, dtype=F64) if erase else None,
-    )
+    query = torch.randn(lanes, length, d_k, generator=g, dtype=F64)
+    value = torch.randn(lanes, length, d_v, generator=g, dtype=F64)
+    if per_channel:
+        # Channels from slow to very fast: one chunk's decay spans exp(-500), which only a
+        # computation that never divides by a decay survives.
+        log_decay = -torch.rand(lanes, length, d_k, generator=g, dtype=F64) * 0.3
+        log_decay[..., 0] = -8.0
+    else:
+        log_decay = -torch.rand(lanes, length, generator=g, dtype=F64) * 0.3
+    erase_strength = torch.rand(lanes, length, generator=g, dtype=F64) if erase else None
+    return RecurrenceInputs(query=query, key=key, value=value, log_decay=log_decay, erase=erase_strength)
 
 
 def as_factors(x: RecurrenceInputs) -> Factors:
@@ -27,10 +31,11 @@ def as_factors(x: RecurrenceInputs) -> Factors:
     return Factors(add_head(x.query), add_head(x.key), add_head(x.value), add_head(x.log_decay), add_head(x.erase))
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-decay", "per-channel-decay"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta-rule", "no-erase"])
 @pytest.mark.parametrize("chunk", [16, 64])
-def test_chunked_scan_equals_reference(erase, chunk):
-    x = lane_inputs(erase=erase)
+def test_chunked_scan_equals_reference(erase, chunk, per_channel):
+    x = lane_inputs(erase=erase, per_channel=per_channel)
     initial = torch.randn(3, 8, 12, dtype=F64)
     result = chunked_scan(x, initial, chunk_size=chunk, return_states=True)
     states, reads = recurrence(as_factors(x), initial_state=initial.unsqueeze(1))
@@ -39,8 +44,18 @@ def test_chunked_scan_equals_reference(erase, chunk):
     assert rel_err(result.final_state, states[:, -1, 0]) < 1e-12
 
 
-def test_edits_at_positions_equal_reference():
+def test_a_per_channel_decay_with_equal_channels_is_the_scalar_decay():
     x = lane_inputs()
+    diagonal = RecurrenceInputs(x.query, x.key, x.value, x.log_decay[..., None].expand(-1, -1, 8), x.erase)
+    initial = torch.randn(3, 8, 12, dtype=F64)
+    scalar, per_channel = (chunked_scan(i, initial, chunk_size=16, return_states=True) for i in (x, diagonal))
+    assert rel_err(per_channel.states, scalar.states) < 1e-12
+    assert rel_err(per_channel.output, scalar.output) < 1e-12
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-decay", "per-channel-decay"])
+def test_edits_at_positions_equal_reference(per_channel):
+    x = lane_inputs(per_channel=per_channel)
     g = torch.Generator().manual_seed(1)
     write = torch.randn(3, 8, 12, generator=g, dtype=F64)
     state = torch.randn(3, 8, 12, generator=g, dtype=F64)
