@@ -31,6 +31,35 @@ __all__ = ["positions_in_call", "delete_writes", "scale_writes", "set_writes", "
 HookFn = Callable[[Tensor, HookPoint], Tensor]
 
 
+def _check_positions(positions: Sequence[int]) -> list[int]:
+    """Absolute positions are whole numbers >= 0 (-1 is no alias of the last position here)."""
+    positions = [positions] if isinstance(positions, int) else list(positions)
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(
+                f"position {p!r} is not an absolute position: positions count from 0 at the first token of "
+                "the sequence (a negative one never occurs, so the edit would silently do nothing)"
+            )
+    return positions
+
+
+def _check_heads(heads: Sequence[int] | None) -> list[int] | None:
+    if heads is None:
+        return None
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    for h in heads:
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise ValueError(f"head {h!r} is not a head index: give whole numbers >= 0, or heads=None for all")
+    return heads
+
+
+def _check_head_range(heads: Sequence[int], n_heads: int, hook: HookPoint) -> None:
+    """Heads past the hook point's head axis (found when the hook first fires, also mid-generate)."""
+    bad = [h for h in heads if h >= n_heads]
+    if bad:
+        raise ValueError(f"head {bad[0]} is out of range at {hook.name}: it has {n_heads} heads (0..{n_heads - 1})")
+
+
 def positions_in_call(positions: Sequence[int], hook: HookPoint, length: int) -> list[tuple[int, int]]:
     """``(absolute, index in this call)`` for the given absolute positions that fall in the call."""
     start = hook.start_position
@@ -50,9 +79,16 @@ def scale_writes(positions: Sequence[int], factor: float, heads: Sequence[int] |
     """Multiply the writes at ``positions`` (of ``heads``, default all) by ``factor``.
 
     For ``hook_write`` or ``heads.{h}.hook_write``.
+
+    Raises:
+        ValueError: a negative position or head (at once), or a head the hook point does not have
+            (when the hook fires).
     """
+    positions, heads = _check_positions(positions), _check_heads(heads)
 
     def hook(writes: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
+        if heads is not None and writes.dim() == 5:
+            _check_head_range(heads, writes.shape[2], hook)
         for _, i in positions_in_call(positions, hook, writes.shape[1]):
             writes[_slots(writes, i, heads)] *= factor
         return writes
@@ -80,8 +116,14 @@ def set_writes(replacements: dict[tuple[int, int], Float[Tensor, "d_k d_v"]]) ->
 
 def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequence[int] | None = None) -> HookFn:
     """Add ``delta`` to the state after ``position`` (for ``hook_state``); later states follow."""
+    _check_positions([position])
+    heads = _check_heads(heads)
 
     def hook(states: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
+        if heads is not None and states.dim() == 5:
+            _check_head_range(heads, states.shape[2], hook)
+        if tuple(delta.shape) != tuple(states.shape[-2:]):
+            raise ValueError(f"delta has shape {tuple(delta.shape)}; the states of {hook.name} are {tuple(states.shape[-2:])}")
         for _, i in positions_in_call([position], hook, states.shape[1]):
             states[_slots(states, i, heads)] += delta.to(states)
         return states

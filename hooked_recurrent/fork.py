@@ -61,6 +61,24 @@ def on_rows(fn: Callable, start: int, stop: int) -> Callable:
     return hook
 
 
+def _check_conditions(conditions: Sequence[Condition]) -> None:
+    """Refuse an empty list of conditions, and a condition that is not a list of (name, hook) pairs."""
+    if not isinstance(conditions, (list, tuple)) or not conditions:
+        raise ValueError(
+            f"conditions={conditions!r}: give a non-empty list with one list of (hook name, hook function) "
+            "pairs per condition, e.g. [[], [(name, delete_writes([t]))]] ([] is the unedited run)"
+        )
+    for i, condition in enumerate(conditions):
+        pairs_ok = isinstance(condition, (list, tuple)) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and callable(pair[1]) for pair in condition
+        )
+        if not pairs_ok:
+            raise ValueError(
+                f"condition {i} is not a list of (hook name, hook function) pairs (it is a {type(condition).__name__}); "
+                "wrap a single pair in a list: [(name, fn)]"
+            )
+
+
 def fork_from(
     model: HookedRecurrentModel,
     cache: RecurrentCache,
@@ -90,6 +108,7 @@ def fork_from(
     Returns:
         Logits ``[condition, batch, pos, d_vocab]`` for the continuation positions.
     """
+    _check_conditions(conditions)
     if position is not None and position != cache.position:
         if position > cache.position:
             raise ValueError(
@@ -154,6 +173,7 @@ def fork(
         Logits ``[condition, batch, until - position, d_vocab]``, equal to running each condition
         from scratch over the whole sequence and keeping positions ``position:until``.
     """
+    _check_conditions(conditions)
     if tokens.dim() == 1:
         tokens = tokens[None]
     until = tokens.shape[1] if until is None else until

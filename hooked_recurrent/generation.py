@@ -9,6 +9,7 @@ output equals ``hf_model.generate(..., do_sample=False)`` token for token, batch
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -21,7 +22,7 @@ from .cache import RecurrentCache
 if TYPE_CHECKING:
     from .model import HookedRecurrentModel
 
-__all__ = ["generate", "sample_logits", "generation_positions"]
+__all__ = ["generate", "sample_logits", "check_sampling", "generation_positions"]
 
 
 def sample_logits(
@@ -33,6 +34,7 @@ def sample_logits(
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, " batch"]:
     """Pick the next token: argmax, or a sample after temperature, top-k and top-p filtering."""
+    check_sampling(temperature, top_k, top_p)
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -47,6 +49,20 @@ def sample_logits(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that mean nothing (they would divide by zero or keep no token).
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r}: give a number >= 0 (0 or do_sample=False: greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: give a whole number >= 1, or None to keep every token")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}: give a probability mass in (0, 1], or None to keep every token")
 
 
 def generation_positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -98,6 +114,9 @@ def generate(
         The prompt followed by the generated tokens, as tokens ``[batch, pos + new]`` or strings
         (and the cache, with ``return_cache``).
     """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a whole number >= 0 (0 returns the prompt)")
+    check_sampling(temperature, top_k, top_p)
     text_input = isinstance(input, (str, list))
     if text_input:
         tokens, mask = model._tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side)

@@ -278,8 +278,15 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             ``stop_at_layer`` is given; with ``cache=True``, a tuple ``(that, cache)``.
         """
         tokens, attention_mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        if stop_at_layer is not None and stop_at_layer < 0:
-            stop_at_layer += self.cfg.n_layers
+        if stop_at_layer is not None:
+            n = self.cfg.n_layers
+            if not -n <= stop_at_layer <= n:
+                raise ValueError(
+                    f"stop_at_layer={stop_at_layer} is out of range for {n} blocks: give -{n}..{n} "
+                    f"({n}: the residual before the final norm), or None for the logits"
+                )
+            if stop_at_layer < 0:
+                stop_at_layer += n
         if stop_at_layer is not None and cache is not None:
             raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
         return_cache = cache is True
@@ -343,6 +350,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(input, str) or (isinstance(input, list) and all(isinstance(t, str) for t in input)):
             tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+            self._check_token_ids(tokens)
             return tokens, attention_mask if attention_mask is not None else mask
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be text or a token tensor, not {type(input).__name__}")
@@ -354,7 +362,24 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the tokens have shape "
                 f"{tuple(tokens.shape)}; give one mask entry per token."
             )
+        self._check_token_ids(tokens)
         return tokens.to(self.cfg.device), None if attention_mask is None else attention_mask.to(self.cfg.device)
+
+    def _check_token_ids(self, tokens: Tensor) -> None:
+        """Refuse an empty input and ids outside the vocabulary (the embedding would fail or wrap)."""
+        if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"the input has shape {tuple(tokens.shape)}: give [batch, pos] token ids with at least one "
+                "sequence and one token (an empty string tokenizes to no token)"
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.cfg.d_vocab:
+            bad = low if low < 0 else high
+            where = (tokens == bad).nonzero()[0].tolist()
+            raise ValueError(
+                f"token id {bad} at [batch, pos] = {where} is outside the vocabulary: ids must be in "
+                f"0..{self.cfg.d_vocab - 1} for {self.cfg.model_name}"
+            )
 
     @staticmethod
     def loss_fn(
@@ -364,6 +389,11 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         per_token: bool = False,
     ) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
         """Next-token cross-entropy, ignoring padded positions."""
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"the loss predicts each next token, so it needs at least 2 positions; the input has "
+                f"{logits.shape[1]}. Give a longer sequence, or use return_type='logits'."
+            )
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         loss = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
         if per_token:

@@ -6,14 +6,17 @@ import pytest
 
 from writesae.cli import main
 from writesae.demo import run_demo
+from writesae.outputs import OutputExistsError
+from writesae.trainer import WriteSAETrainer
 
 SMALL = dict(store_sequences=24, seq_len=48, d_sae=64, k=4, epochs=2, substitution_sequences=4,
              substitution_atoms=4, firings_per_atom=2, shift_prompts=2, shift_atoms=2, install_prompts=1)
 
 
 @pytest.mark.parametrize("model", ["stdlib:qwen3.5", "stdlib:mamba2"])
-def test_demo_pipeline_writes_every_result(model, tmp_path):
+def test_demo_pipeline_writes_every_result(model, tmp_path, demo_runs):
     headline = run_demo(model, out_dir=tmp_path, sizes=SMALL)
+    demo_runs[model] = tmp_path
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["model"] == model and summary["splice_with_error_term_exact"] is True
     assert 0 <= summary["substitution"]["win_rate"] <= 1 and summary["substitution"]["n_firings"] > 0
@@ -31,3 +34,39 @@ def test_cli_errors_are_short_and_name_the_problem(tmp_path, capsys):
     assert "argument store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["collect"])  # argparse explains the missing arguments
+
+
+@pytest.fixture(scope="module")
+def demo_runs():
+    """Output folders of the uninterrupted demo runs above, by model."""
+    return {}
+
+
+def test_an_interrupted_demo_resumes_to_the_same_summary(tmp_path, monkeypatch, demo_runs):
+    """Stopped in the middle of training (after the first epoch's checkpoint), a demo resumed with
+    mode="resume" ends with the uninterrupted run's figures and SAE."""
+    full = demo_runs.get("stdlib:qwen3.5")
+    if full is None:
+        pytest.skip("needs the uninterrupted stdlib:qwen3.5 demo of test_demo_pipeline_writes_every_result")
+    real = WriteSAETrainer.train_step
+
+    def train_step(self, batch):
+        if self.step == self.total_steps - 2:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WriteSAETrainer, "train_step", train_step)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo("stdlib:qwen3.5", out_dir=tmp_path, sizes=SMALL)
+    assert (tmp_path / "training" / "checkpoint").is_dir() and not (tmp_path / "summary.json").exists()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run_demo("stdlib:qwen3.5", out_dir=tmp_path, sizes=SMALL)
+    run_demo("stdlib:qwen3.5", out_dir=tmp_path, sizes=SMALL, mode="resume")
+
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, tmp_path)]
+    for summary in summaries:
+        summary.pop("seconds")
+    assert summaries[0] == summaries[1]
+    for name in ("sae/sae_weights.safetensors", "training/train_log.jsonl", "substitution/records.jsonl"):
+        assert (full / name).read_bytes() == (tmp_path / name).read_bytes(), name

@@ -185,7 +185,10 @@ def check_sae_dir(path: str | Path, checkpoint: bool = False) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory.{_interrupted_save_hint(path)}")
+        raise CheckpointError(
+            f"{path}: not a directory; give the SAE's folder (cfg.json + sae_weights.safetensors; "
+            f"writesae train writes OUT/sae).{_interrupted_save_hint(path)}"
+        )
     cfg_path = path / SAE_CFG_FILENAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: file not found; is {path} an SAE directory?")

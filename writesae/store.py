@@ -213,7 +213,7 @@ def collect(
     for split in ("train", "val"):
         if counts[split] == 0:
             raise ValueError(
-                f"the {split} split holds no sequence ({done['sequences']} sequences, val_fraction={val_fraction}); "
+                f"the {split} split holds no sequence ({done['sequences']} sequence(s), val_fraction={val_fraction}); "
                 "collect more sequences or change val_fraction"
             )
     for (split, layer, head), buffer in buffers.items():

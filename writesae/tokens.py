@@ -15,6 +15,7 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,36 @@ def _documents(source: str, split: Literal["train", "val"]) -> Iterator[str]:
             yield file.read_text(errors="replace")
 
 
+def _stream(tokenizer: Any, documents: Iterator[str], max_documents: int | None, needed: int | None) -> Tensor:
+    """Token ids of the documents, each followed by the end-of-text token, as one 1-D tensor."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i, text in enumerate(documents):
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            stream.append(eos)
+        if (max_documents is not None and i + 1 >= max_documents) or (needed is not None and len(stream) >= needed):
+            break
+    return torch.tensor(stream, dtype=torch.long)
+
+
+_STDLIB_STREAMS: dict[tuple[str, str], Tensor] = {}
+
+
+def _stdlib_stream(tokenizer: Any, split: str) -> Tensor:
+    """The stdlib split's token stream, tokenized once per tokenizer and split (it takes seconds,
+    and the demo, the tutorials and the tests draw from it many times). Tokenizers are told apart
+    by their full serialisation, so two loads of the same one share the stream."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else f"object {id(tokenizer)}"
+    key = (hashlib.sha256(identity.encode()).hexdigest(), split)
+    if key not in _STDLIB_STREAMS:
+        if len(_STDLIB_STREAMS) >= 4:
+            _STDLIB_STREAMS.pop(next(iter(_STDLIB_STREAMS)))
+        _STDLIB_STREAMS[key] = _stream(tokenizer, _documents("stdlib", split), None, None)
+    return _STDLIB_STREAMS[key]
+
+
 def token_blocks(
     model: Any,
     source: str = "stdlib",
@@ -70,24 +101,23 @@ def token_blocks(
         seed: Seed of the block draw.
         max_documents: Stop reading after this many documents (streamed sources).
     """
+    for name, value in (("n_sequences", n_sequences), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: give a whole number >= 1")
     generator = torch.Generator().manual_seed(seed)
     if source == "random":
         return torch.randint(0, model.cfg.d_vocab, (n_sequences, seq_len), generator=generator)
     tokenizer = model._require_tokenizer("token_blocks")
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    needed = None if source == "stdlib" else n_sequences * seq_len * 4  # enough to draw from
-    for i, text in enumerate(_documents(source, split)):
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
-        if (max_documents is not None and i + 1 >= max_documents) or (needed is not None and len(stream) >= needed):
-            break
+    if source == "stdlib" and max_documents is None:
+        stream = _stdlib_stream(tokenizer, split)
+    else:
+        needed = None if source == "stdlib" else n_sequences * seq_len * 4  # enough to draw from
+        stream = _stream(tokenizer, _documents(source, split), max_documents, needed)
     n_blocks = len(stream) // seq_len
     if n_blocks < n_sequences:
         raise ValueError(
             f"{source!r} ({split}) gives {n_blocks} blocks of {seq_len} tokens; asked for {n_sequences}. "
             "Ask for fewer or shorter blocks."
         )
-    blocks = torch.tensor(stream[: n_blocks * seq_len]).reshape(n_blocks, seq_len)
+    blocks = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
     return blocks[torch.randperm(n_blocks, generator=generator)[:n_sequences]]
