@@ -130,6 +130,9 @@ def chunked_scan(
     """
     lanes, length, d_k = inputs.key.shape
     d_v = inputs.value.shape[-1]
+    non_finite = _non_finite_positions(inputs)
+    if non_finite is not None:
+        return _poisoned_scan(inputs, initial_state, chunk_size, return_states, *non_finite)
     if length == 0:
         empty = inputs.value.new_zeros(lanes, 0, d_v)
         states = inputs.value.new_zeros(lanes, 0, d_k, d_v) if return_states else None
@@ -256,6 +259,50 @@ class _DecayedKeys:
         inside = (self.inside_keys @ a[..., None])[..., 0]  # [lane, n, t, j]
         rows = across + (inside[:, :, :, None, :] * self.on_diagonal).reshape(lanes, n, size, n * size)
         return rows.reshape(lanes, n * size, n * size)
+
+
+def _non_finite_positions(inputs: RecurrenceInputs) -> tuple[Tensor, Tensor] | None:
+    """``(bad_read, bad_write)`` per lane and position when some input is NaN or inf, else None."""
+    bad_read = ~torch.isfinite(inputs.query).all(-1)
+    decay_finite = torch.isfinite(inputs.log_decay).reshape(*inputs.key.shape[:2], -1).all(-1)  # scalar or per channel
+    bad_write = ~(torch.isfinite(inputs.key).all(-1) & torch.isfinite(inputs.value).all(-1) & decay_finite)
+    if inputs.erase is not None:
+        bad_write |= ~torch.isfinite(inputs.erase)
+    if not bool(bad_read.any() | bad_write.any()):
+        return None
+    return bad_read, bad_write
+
+
+def _poisoned_scan(
+    inputs: RecurrenceInputs,
+    initial_state: Tensor,
+    chunk_size: int,
+    return_states: bool,
+    bad_read: Tensor,
+    bad_write: Tensor,
+) -> RecurrenceResult:
+    """The scan of inputs holding NaN or inf, as causal as a token-by-token loop.
+
+    Inside a chunk every position meets every other in a matrix product, where a zero weight
+    times NaN is still NaN: a non-finite input at position t would reach the outputs of earlier
+    positions. So the scan runs on the finite part (bad positions zeroed), and NaN is put back
+    where a sequential recurrence puts it: a bad read spoils its own output, a bad write (key,
+    value, decay or erase) the state from there on and every output that reads it.
+    """
+    def clean(x: Tensor, bad: Tensor) -> Tensor:
+        return x.masked_fill(bad.reshape(*bad.shape, *([1] * (x.dim() - 2))), 0)
+
+    finite = RecurrenceInputs(
+        clean(inputs.query, bad_read), clean(inputs.key, bad_write), clean(inputs.value, bad_write),
+        clean(inputs.log_decay, bad_write), None if inputs.erase is None else clean(inputs.erase, bad_write),
+    )  # fmt: skip
+    result = chunked_scan(finite, initial_state, chunk_size, return_states)
+    spoiled_state = bad_write.cummax(-1).values  # [lane, pos]: the state is NaN from the first bad write on
+    nan = float("nan")
+    output = result.output.masked_fill((spoiled_state | bad_read)[..., None], nan)
+    final_state = result.final_state.masked_fill(spoiled_state[:, -1, None, None], nan)
+    states = None if result.states is None else result.states.masked_fill(spoiled_state[..., None, None], nan)
+    return RecurrenceResult(output, final_state, states)
 
 
 def step(

@@ -85,3 +85,51 @@ def test_runtime_shape_checks_are_active():
     x = lane_inputs()
     with pytest.raises(Exception, match="(?i)type-check|d_k"):
         RecurrenceInputs(query=x.query[..., :5], key=x.key, value=x.value, log_decay=x.log_decay)
+
+
+@pytest.mark.parametrize("bad", ["key", "value", "log_decay", "erase", "query"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-decay", "per-channel-decay"])
+def test_a_non_finite_input_spoils_only_later_positions(bad, per_channel):
+    """NaN in one position's input leaves every earlier output as the float64 reference has it (a
+    chunk's matrix products must not carry it backwards) and spoils what a token-by-token loop
+    would: its own output for a query, the state and all later outputs for a write."""
+    x = lane_inputs(length=40, per_channel=per_channel)
+    broken = getattr(x, bad).clone()
+    broken[1, 21] = float("nan")
+    setattr(x, bad, broken)
+    initial = torch.randn(3, 8, 12, dtype=F64)
+    result = chunked_scan(x, initial, chunk_size=16, return_states=True)
+    states, reads = recurrence(as_factors(x), initial_state=initial.unsqueeze(1))
+    spoiled = torch.zeros(3, 40, dtype=torch.bool)
+    spoiled[1, 21:] = True if bad != "query" else False
+    spoiled[1, 21] = True
+    nan_out = result.output.isnan().any(-1)
+    assert torch.equal(nan_out, spoiled)
+    assert rel_err(result.output[~spoiled], reads[:, :, 0][~spoiled]) < 1e-12
+    assert torch.equal(reads[:, :, 0].isnan().any(-1), spoiled)  # the reference loop agrees
+    if bad != "query":
+        assert result.states[1, 21:].isnan().all() and result.final_state[1].isnan().all()
+    assert torch.isfinite(result.states[0]).all() and torch.isfinite(result.final_state[2]).all()
+
+
+@pytest.mark.parametrize("arch", ["tiny-random:qwen3.5", "tiny-random:mamba2"])
+def test_a_nan_written_into_the_model_reaches_no_earlier_logit(arch):
+    """A NaN written at position 5 of the first recurrent layer leaves logits 0..4 as they were,
+    through every later layer (recurrent kernels and attention alike), and spoils 5 onward."""
+    from helpers import random_tokens, tiny_pair
+
+    model = tiny_pair(arch)[0]
+    tokens = random_tokens(2, 24, seed=1)
+    name = model.cfg.hook_name(model.cfg.recurrent_layers[0], "hook_write")
+
+    def nan_at_5(writes, hook):
+        writes = writes.clone()
+        writes[0, 5] = float("nan")
+        return writes
+
+    with torch.no_grad():
+        clean = model(tokens)
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, nan_at_5)])
+    assert logits[0, 5:].isnan().all(-1).all() and torch.isfinite(logits[0, :5]).all()
+    torch.testing.assert_close(logits[0, :5], clean[0, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], clean[1], rtol=1e-5, atol=1e-5)

@@ -77,6 +77,13 @@ class GatedAttentionHooks(nn.Module):
 
         if cache is not None:
             key, value = cache.update(key, value, m.layer_idx, kwargs=kwargs)
+        # A NaN or inf key or value would reach earlier queries through the masked products
+        # (0 * NaN is NaN): attend over finite copies, then spoil what a causal loop would.
+        bad = ~(torch.isfinite(key).all(-1) & torch.isfinite(value).all(-1)).any(1)  # [batch, kv_pos]
+        if bool(bad.any()):
+            key, value = key.masked_fill(bad[:, None, :, None], 0), value.masked_fill(bad[:, None, :, None], 0)
+        else:
+            bad = None
 
         if self.hook_pattern.has_fwd_hooks() or self.hook_attn_scores.has_fwd_hooks():
             z = self._explicit_attention(query, key, value, attention_mask)
@@ -94,6 +101,9 @@ class GatedAttentionHooks(nn.Module):
                 scaling=m.scaling,
                 **kwargs,
             )
+        if bad is not None:  # query t reads keys 0..t: spoiled from the first bad one on
+            spoiled = bad.cummax(-1).values[:, -z.shape[1] :]
+            z = z.masked_fill(spoiled[:, :, None, None], float("nan"))
         z = self.hook_z(z)  # [batch pos head d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         out = (z.reshape(*input_shape, -1) * gate.reshape(*input_shape, -1)).contiguous()

@@ -149,7 +149,11 @@ class MatrixRecurrentMixer(nn.Module):
         """
         if native is not None and not self._looks_at_factors():
             output, final = native()
-            return self.hook_recurrence_out(output), final
+            if bool(torch.isfinite(output).all()):
+                return self.hook_recurrence_out(output), final
+            # A NaN or inf in the inputs: the kernel's chunk products carry it to earlier positions too
+            # (0 * NaN is NaN); the recurrence here keeps it causal (`recurrence.chunked_scan`).
+            native = None
 
         f = factors()
         batch, length, n_heads, _ = f.key.shape
