@@ -83,12 +83,15 @@ class RecurrentCache(DynamicCache):
     def __init__(self, model: HookedRecurrentModel, batch_size: int) -> None:
         # Called by name: a family's cache class puts its HF cache class (whose __init__ takes no
         # config) between this class and DynamicCache.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: a cache holds one or more sequences; give a whole number >= 1")
         DynamicCache.__init__(self, config=model.hf_model.config)
         self.position = 0
         self._batch_size = batch_size
         self.attention_mask: Int[Tensor, "batch pos"] | None = None
         self.signature = model_signature(model)
         self.owner_id = id(model.hf_model)
+        self.filled_with = (model.cfg.dtype, str(model.cfg.device))  # the model's dtype and device
         family = model.architecture
         self._transposed = {
             i for i, kind in enumerate(model.cfg.layer_types) if family.layer_kind(kind).transposed_state
@@ -139,6 +142,15 @@ class RecurrentCache(DynamicCache):
                 f"This cache holds {self.batch_size} sequence(s) but the input has batch size {batch_size}; "
                 "use cache.repeat(n) to tile it, or a cache built for this batch."
             )
+        now = (model.cfg.dtype, str(model.cfg.device))
+        if self.position > 0 and now != self.filled_with:
+            (dtype, device), (new_dtype, new_device) = self.filled_with, now
+            raise ValueError(
+                f"This cache was filled by the model in {dtype} on {device}, and the model now runs in "
+                f"{new_dtype} on {new_device}; move the model back (model.to(...)) to continue it, or run "
+                "the prefix again into a new RecurrentCache."
+            )
+        self.filled_with = now
 
     # ------------------------------------------------------------------ state access
 

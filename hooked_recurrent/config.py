@@ -70,7 +70,17 @@ class HookedRecurrentConfig:
         return _layer_kinds()[self.layer_types[layer]].container
 
     def hook_name(self, layer: int, hook: str) -> str:
-        """Full name of a mixer hook, e.g. ``cfg.hook_name(9, "hook_write")``."""
+        """Full name of a mixer hook, e.g. ``cfg.hook_name(9, "hook_write")``.
+
+        Raises:
+            ValueError: ``layer`` is not a block index ``0..n_layers - 1`` (negative indices are
+                refused: a hook name needs the block's own number).
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer={layer!r} is not a block of this model: give 0..{self.n_layers - 1} "
+                f"(matrix-recurrent layers: {self.recurrent_layers})"
+            )
         return f"blocks.{layer}.{self.mixer_name(layer)}.{hook}"
 
     def to_dict(self) -> dict[str, Any]:

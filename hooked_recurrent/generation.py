@@ -121,8 +121,10 @@ def generate(
     if text_input:
         tokens, mask = model._tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side)
         attention_mask = mask if attention_mask is None else attention_mask
-    else:
+    elif isinstance(input, torch.Tensor):
         tokens = (input if input.dim() == 2 else input[None]).to(model.cfg.device)
+    else:
+        raise TypeError(f"input must be a string, a list of strings or a [batch, pos] token tensor, not {type(input).__name__}")
     if attention_mask is not None:
         attention_mask = attention_mask.to(tokens.device)
         if attention_mask.shape != tokens.shape:

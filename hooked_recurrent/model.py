@@ -31,7 +31,7 @@ from .components import OutputHook
 from .config import HookedRecurrentConfig
 from .families import family_of, text_model_of
 from .hook_points import HookPoint, observer
-from .loading import load_hf_model
+from .loading import check_device, check_dtype, load_hf_model
 from .splicing import SpliceMixin
 
 __all__ = ["HookedRecurrentModel"]
@@ -127,8 +127,9 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             tokenizer: A tokenizer to use instead of the checkpoint's.
             **hf_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
         """
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = check_dtype(dtype)
+        if device is not None:
+            check_device(device)
         if hf_model is None:
             hf_model, loaded_tokenizer = load_hf_model(name_or_path, dtype=dtype, **hf_kwargs)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import char_tokenizer, random_tokens
-from hooked_recurrent import HookedRecurrentModel
+from hooked_recurrent import HookedRecurrentModel, RecurrentCache
 from hooked_recurrent.edits import add_to_states, delete_writes, scale_writes
 from hooked_recurrent.fork import fork
 from hooked_recurrent.presets import build_preset
@@ -72,6 +72,14 @@ def nan_states() -> torch.Tensor:
     return data
 
 
+def continue_after_bfloat16(tmp: Path) -> None:
+    half = HookedRecurrentModel(build_preset("tiny-random:qwen3.5"), model_name="tiny-random:qwen3.5")
+    cache = RecurrentCache(half, 1)
+    half(tokens(4), cache=cache)
+    half.to(torch.bfloat16)
+    half(tokens(1), cache=cache)
+
+
 def collect_into(tmp: Path, **kw) -> None:
     args = dict(layers=[0], heads=[0], out_dir=tmp / "store", verbose=False)
     collect(model(), random_tokens(4, 12), **{**args, **kw})
@@ -108,11 +116,15 @@ CASES = [
     ("stop-at-layer-too-small", lambda tmp: model()(tokens(), stop_at_layer=-5), V, r"stop_at_layer=-5"),
     ("one-token-loss", lambda tmp: model()(tokens(1), return_type="loss"), V, r"at least 2 positions.*has 1"),
     ("unknown-hook-name", lambda tmp: model().run_with_hooks(tokens(), fwd_hooks=[("blocks.0.hook_wrte", print)]), K, r"hook_wrte"),
+    ("hook-name-negative-layer", lambda tmp: model().cfg.hook_name(-1, "hook_write"), V, r"layer=-1 is not a block of this model: give 0\.\.3"),
+    ("cache-empty-batch", lambda tmp: RecurrentCache(model(), 0), V, r"batch_size=0: .*>= 1"),
+    ("cache-after-dtype-change", continue_after_bfloat16, V, r"filled by the model in torch\.float32 .* now runs in torch\.bfloat16"),
     # generation
     ("generate-top-p-0", lambda tmp: model().generate(tokens(3), top_p=0.0, verbose=False), V, r"top_p=0.0: .*\(0, 1\]"),
     ("generate-top-k-0", lambda tmp: model().generate(tokens(3), top_k=0, verbose=False), V, r"top_k=0"),
     ("generate-negative-new-tokens", lambda tmp: model().generate(tokens(3), max_new_tokens=-1, verbose=False), V, r"max_new_tokens=-1: .*>= 0"),
     ("generate-negative-temperature", lambda tmp: model().generate(tokens(3), temperature=-1.0, verbose=False), V, r"temperature=-1.0: .*>= 0"),
+    ("generate-int-input", lambda tmp: model().generate(5, verbose=False), T, r"input must be a string, a list of strings or a \[batch, pos\] token tensor|Type-check error"),
     ("generate-empty-prompt", lambda tmp: model().generate("", prepend_bos=False, verbose=False), V, r"at least one token"),
     # edit helpers
     ("edit-negative-position", lambda tmp: delete_writes([-1]), V, r"position -1 is not an absolute position"),
@@ -130,6 +142,9 @@ CASES = [
     ("from-pretrained-empty-name", lambda tmp: HookedRecurrentModel.from_pretrained(""), V, r"name_or_path=''"),
     ("from-pretrained-unknown-builtin", lambda tmp: HookedRecurrentModel.from_pretrained("tiny-random:gpt2"), K, r"tiny-random:gpt2.*tiny-random:qwen3\.5"),
     ("from-pretrained-unknown-shipped", lambda tmp: HookedRecurrentModel.from_pretrained("stdlib:gpt2"), V, r"stdlib:gpt2.*stdlib:mamba2"),
+    ("from-pretrained-missing-folder", lambda tmp: HookedRecurrentModel.from_pretrained(str(tmp / "absent" / "model")), E, r"absent/model: no such folder"),
+    ("from-pretrained-bad-dtype", lambda tmp: HookedRecurrentModel.from_pretrained("tiny-random:qwen3.5", dtype="float33"), V, r"dtype='float33' is not a model dtype; give one of float32"),
+    ("from-pretrained-absent-device", lambda tmp: HookedRecurrentModel.from_pretrained("tiny-random:qwen3.5", device="cuda:99"), V, r"device='cuda:99': (no CUDA GPU is visible|this machine has)"),
     ("sae-missing-folder", lambda tmp: WriteSAE.load_from_disk(tmp / "nothing"), CheckpointError, r"not a directory"),
     ("store-missing", lambda tmp: WriteStore(tmp), E, r"not a WriteStore \(no manifest\.json\)"),
     # output folders
@@ -150,6 +165,8 @@ CASES = [
     ("train-diverges", lambda tmp: fit(torch.randn(64, 6, 5), lr=1e9, lr_min=1e9), TrainingError, r"diverged at step \d+ .*lr=1e\+08"),
     ("train-bad-lr", lambda tmp: TrainerConfig(lr=float("nan")), V, r"lr=nan"),
     ("train-bad-batch-size", lambda tmp: TrainerConfig(batch_size=0), V, r"batch_size must be >= 1"),
+    ("train-bad-betas", lambda tmp: TrainerConfig(adam_betas=(1.5, 0.9)), V, r"adam_betas must be two numbers in \[0, 1\)"),
+    ("train-bad-grad-clip", lambda tmp: TrainerConfig(grad_clip=-1.0), V, r"grad_clip must be > 0, or None"),
     # the command line (argparse: exit status 2, "argument --NAME: ..." on stderr)
     ("cli-seq-len-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--seq-len", "0", "--out", "x"), S, r"--seq-len: 0 is not a positive whole number"),
     ("cli-sequences-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--sequences", "0", "--out", "x"), S, r"--sequences: 0"),
@@ -158,7 +175,9 @@ CASES = [
     ("cli-positions-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--positions-per-sequence", "0", "--out", "x"), S, r"--positions-per-sequence: 0"),
     ("cli-negative-layer", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "-1", "--out", "x"), S, r"--layer: -1 is negative"),
     ("cli-device-unknown", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--device", "tpu", "--out", "x"), S, r"--device: 'tpu'"),
-    ("cli-device-absent", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--device", "cuda:99", "--out", "x"), S, r"--device: cuda:99: (no CUDA GPU is visible|this machine has \d+ CUDA)"),
+    ("cli-device-absent", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--device", "cuda:99", "--out", "x"), S, r"--device: 'cuda:99': (no CUDA GPU is visible|this machine has \d+ CUDA)"),
+    ("cli-model-missing-folder", lambda tmp: cli("collect", str(tmp / "absent" / "model"), "--layer", "0", "--out", "x"), S, r"argument model: .*absent/model: no such folder"),
+    ("cli-tokens-missing", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--tokens", str(tmp / "none.txt"), "--out", "x"), S, r"--tokens: .*none\.txt' is neither stdlib, random, hf:DATASET nor an existing file"),
     ("cli-model-file", lambda tmp: (tmp / "w.bin").write_bytes(b"x") and cli("collect", str(tmp / "w.bin"), "--layer", "0", "--out", "x"), S, r"argument model: .* is a file"),
     ("cli-resume-and-overwrite", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--out", "x", "--resume", "--overwrite"), S, r"--overwrite: not allowed with argument --resume"),
     ("cli-store-missing", lambda tmp: cli("train", str(tmp / "none"), "--layer", "0", "--head", "0", "--out", "x"), S, r"argument store: .* does not exist"),

@@ -152,6 +152,14 @@ class TrainerConfig:
             raise ValueError(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min}).")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainerConfig.warmup_steps must be >= 0 (got {self.warmup_steps}).")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"TrainerConfig.adam_betas must be two numbers in [0, 1) (got {self.adam_betas}).")
+        if not self.adam_eps > 0:
+            raise ValueError(f"TrainerConfig.adam_eps must be > 0 (got {self.adam_eps}).")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainerConfig.grad_clip must be > 0, or None for no clipping (got {self.grad_clip}).")
+        if not self.resample_encoder_scale >= 0:
+            raise ValueError(f"TrainerConfig.resample_encoder_scale must be >= 0 (got {self.resample_encoder_scale}).")
 
 
 def check_finite_batch(batch: Batch, where: str) -> None:

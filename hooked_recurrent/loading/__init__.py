@@ -1,5 +1,5 @@
 """Loading HF models (hub ids, local directories, presets) for `HookedRecurrentModel`."""
 
-from .hf import check_model_name, load_hf_model
+from .hf import check_device, check_dtype, check_model_name, load_hf_model
 
-__all__ = ["check_model_name", "load_hf_model"]
+__all__ = ["check_device", "check_dtype", "check_model_name", "load_hf_model"]

@@ -23,7 +23,10 @@ from ..presets import PRESETS, build_preset
 from ..pretrained import shipped_model_path
 from .mamba_ssm import is_mamba_ssm_config, load_mamba_ssm_checkpoint, read_config
 
-__all__ = ["check_model_name", "load_hf_model", "load_tokenizer"]
+__all__ = ["check_device", "check_dtype", "check_model_name", "load_hf_model", "load_tokenizer"]
+
+# Weights are real numbers: an integer dtype would round them away.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,41 @@ def load_hf_model(
     return text_model_of(hf_model).eval(), load_tokenizer(name_or_path)
 
 
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch dtype from a dtype or its name (``"bfloat16"``); None stays None.
+
+    Raises:
+        ValueError: naming the value and the valid dtypes.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"dtype={dtype!r} is not a model dtype; give one of {names}")
+    return dtype
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device that exists on this machine, checked before any weight moves.
+
+    Raises:
+        ValueError: naming the device and what this machine has.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: no CUDA GPU is visible to torch on this machine; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"device={str(device)!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r}: MPS is not available on this machine; use cpu")
+    return parsed
+
+
 def check_model_name(name_or_path: str) -> None:
     """Refuse, before any loading, a name that cannot be a model: not a string, empty, a file, or
     an unknown built-in name.
@@ -75,6 +113,11 @@ def check_model_name(name_or_path: str) -> None:
             f"or a built-in name ({', '.join(sorted(PRESETS))}, stdlib:qwen3.5, stdlib:mamba2)"
         )
     name = str(name_or_path)
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"{name}: no such folder (a hub id has the form 'owner/name'); check the path of the model folder"
+        )
     if Path(name).is_file():
         raise ValueError(
             f"{name} is a file; from_pretrained takes the model's folder (the one holding config.json "

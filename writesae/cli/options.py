@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from hooked_recurrent.loading.hf import FLOAT_DTYPES
+
 __all__ = [
     "MODEL_DTYPES",
     "STORE_DTYPES",
@@ -34,6 +36,7 @@ __all__ = [
     "positive_float",
     "device",
     "model_name",
+    "token_source",
     "store_dir",
     "sae_dir",
     "output_mode",
@@ -43,8 +46,8 @@ __all__ = [
 ]
 
 # Floating dtypes only: weights and states are real numbers, and an integer store would round them away.
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
-STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+MODEL_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
+STORE_DTYPES = MODEL_DTYPES
 
 
 def _integer(text: str) -> int:
@@ -83,23 +86,12 @@ def positive_float(text: str) -> float:
 
 def device(text: str) -> str:
     """A torch device that exists on this machine (checked before the model loads)."""
+    from hooked_recurrent.loading import check_device
+
     try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None  # fmt: skip
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible to torch on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text!r}: the writesae command runs on cpu, cuda or mps")
+        check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("device=")) from None
     return text
 
 
@@ -109,9 +101,18 @@ def model_name(text: str) -> str:
 
     try:
         check_model_name(text)
-    except (ValueError, KeyError) as err:
-        raise argparse.ArgumentTypeError(str(err.args[0])) from None
+    except (OSError, ValueError, KeyError) as err:
+        raise argparse.ArgumentTypeError(str(err.args[0]) if isinstance(err, KeyError) else str(err)) from None
     return text
+
+
+def token_source(text: str) -> str:
+    """``stdlib``, ``random``, ``hf:DATASET[:CONFIG]`` or an existing text file or folder."""
+    if text in ("stdlib", "random") or (text.startswith("hf:") and len(text) > 3) or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither stdlib, random, hf:DATASET nor an existing file or folder of text"
+    )
 
 
 def store_dir(text: str) -> Path:
@@ -154,7 +155,7 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) 
 
 def add_token_options(parser: argparse.ArgumentParser, sequences: int, seq_len: int) -> None:
     """Where the token blocks come from, how many and how long."""
-    parser.add_argument("--tokens", default="stdlib", help="stdlib | PATH | hf:DATASET | random (see writesae.tokens)")
+    parser.add_argument("--tokens", type=token_source, default="stdlib", help="stdlib | PATH | hf:DATASET | random (see writesae.tokens)")
     parser.add_argument("--sequences", type=positive_int, default=sequences, help="token blocks to run")
     parser.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per block")
 
