@@ -64,7 +64,7 @@ def test_train_refuses_an_existing_run_and_a_stopped_run_resumes_to_the_same_wei
     assert (tmp_path / "cut" / "train_log.jsonl").read_text() == (tmp_path / "full" / "train_log.jsonl").read_text()
 
 
-def test_sigterm_becomes_a_clean_stop_and_the_handler_is_restored(capsys):
+def test_sigterm_becomes_a_clean_stop_and_the_handler_is_restored(tmp_path, capsys):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Stopped), stop_signals():
         os.kill(os.getpid(), signal.SIGTERM)
@@ -73,12 +73,17 @@ def test_sigterm_becomes_a_clean_stop_and_the_handler_is_restored(capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    args = argparse.Namespace(command="collect", out="stores/x", resume=False, resume_note="saved every 16 batches",
+    args = argparse.Namespace(command="collect", out=tmp_path / "x", resume=False, resume_note="saved every 16 batches",
                               func=interrupted)  # fmt: skip
-    assert run_command(args, ["collect", "m", "--out", "stores/x", "--overwrite"]) == 130
+    out = tmp_path / "x"
+    assert run_command(args, ["collect", "m", "--out", str(out), "--overwrite"]) == 130
+    err = capsys.readouterr().err  # nothing saved yet: the command to run is the same one, not --resume
+    assert "stopped by Ctrl-C" in err and err.strip().endswith(f"writesae collect m --out {out}")
+    out.mkdir()
+    (out / "collect_checkpoint").mkdir()
+    assert run_command(args, ["collect", "m", "--out", str(out), "--overwrite"]) == 130
     err = capsys.readouterr().err
-    assert "stopped by Ctrl-C" in err and "saved every 16 batches" in err
-    assert err.strip().endswith("writesae collect m --out stores/x --resume")
+    assert "saved every 16 batches" in err and err.strip().endswith(f"writesae collect m --out {out} --resume")
 
 
 def test_a_protocol_resumes_a_finished_run_without_recomputing(tmp_path, capsys):

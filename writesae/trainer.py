@@ -17,9 +17,17 @@ the best SAE by validation MSE is kept.
 
 Files in ``out_dir``: ``train_log.jsonl`` (one JSON object per logged step or validation),
 ``checkpoint/`` (resumable: the SAE's ``cfg.json`` + ``sae_weights.safetensors``, plus
-``trainer_state.safetensors`` with Adam moments, dead counters and the trainer's RNG, and
-``trainer_state.json``), ``best/`` and ``final/`` (inference SAEs, loadable with
-``sae_lens.SAE.load_from_disk``). Every directory is written atomically.
+``trainer_state.safetensors`` with Adam moments, dead counters, the trainer's RNG and the best
+weights so far, and ``trainer_state.json``; its ``cfg.json`` names the architecture
+``write_sae_training_checkpoint``, so it is never loaded as an SAE by mistake), ``best/`` and
+``final/`` (inference SAEs, loadable with ``sae_lens.SAE.load_from_disk``). Every directory is
+written atomically. A fresh ``fit()`` refuses an ``out_dir`` that holds an earlier run (logs of
+two runs never mix); ``fit(resume_from=...)`` continues it.
+
+Bad data and bad states stop training with their cause: a sample holding NaN or inf (naming the
+batch and row; a store names its shard), a loss or weights turning non-finite (naming the step and
+a lower learning rate; no non-finite weight is ever written), an empty source, or data whose
+samples are all equal. Training runs with gradients on whatever the caller's grad mode.
 
 Determinism: the trainer draws random numbers only from its own generator (seeded by ``seed``, saved in
 checkpoints), never from torch's global one, and the data order is a function of the epoch (see
@@ -401,7 +409,13 @@ class WriteSAETrainer:
 
         Args:
             resume_from: A ``checkpoint/`` directory written by this trainer; training continues
-                where it stopped and ends with the weights an uninterrupted run would have.
+                where it stopped and ends with the weights (and best weights) an uninterrupted
+                run would have.
+
+        Raises:
+            OutputExistsError: a fresh run into an ``out_dir`` holding an earlier run.
+            ValueError: a training sample holds NaN or inf.
+            TrainingError: the run diverged, or the data are empty or all equal.
         """
         if resume_from is not None:
             self.load_checkpoint(resume_from)

@@ -64,3 +64,16 @@ def protocol_out_dir(args: argparse.Namespace, what: str) -> Any:
         print(f"{out} holds an unfinished {what}; the {what} keeps no partial results, so it starts again")
         out = prepare_output_dir(out, "overwrite", what=what)
     return out
+
+
+def run_sae_protocol(args: argparse.Namespace, what: str, config_cls: type, run: Any, hidden: tuple[str, ...]) -> None:
+    """Run a protocol that reads a saved SAE (``--sae``) into ``--out`` and print its summary
+    (less the ``hidden`` keys, which are long)."""
+    out = protocol_out_dir(args, what)
+    if out is None:
+        return
+    model = load_model(args)
+    sae = load_sae(args.sae, model)
+    result = run(model, sae, token_blocks(model, args), config=protocol_config(config_cls, args), out_dir=out)
+    print_json(what, {k: v for k, v in result.summary.items() if k not in hidden})
+    print(f"results in {out}")

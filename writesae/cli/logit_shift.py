@@ -23,12 +23,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.protocols.logit_shift import LogitShiftConfig, run_logit_shift
 
-    out = common.protocol_out_dir(args, "logit-shift run")
-    if out is None:
-        return
-    model = common.load_model(args)
-    sae = common.load_sae(args.sae, model)
-    config = common.protocol_config(LogitShiftConfig, args)
-    result = run_logit_shift(model, sae, common.token_blocks(model, args), config=config, out_dir=out)
-    common.print_json("logit shift", {k: v for k, v in result.summary.items() if k not in ("cells", "config")})
-    print(f"results in {out}")
+    common.run_sae_protocol(args, "logit-shift run", LogitShiftConfig, run_logit_shift, hidden=("cells", "config"))

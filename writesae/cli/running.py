@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Stopped", "stop_signals", "resume_command", "run_command", "user_errors"]
@@ -77,8 +78,13 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         name = "SIGTERM" if terminated else "Ctrl-C"
         print(f"\nwritesae {args.command}: stopped by {name}.", file=sys.stderr)
         if hasattr(args, "resume"):
-            print(f"{args.out} keeps the last checkpoint ({args.resume_note}). Continue with:\n"
-                  f"  {resume_command(argv)}", file=sys.stderr)  # fmt: skip
+            out = Path(args.out)
+            if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+                print(f"{out} keeps the last checkpoint ({args.resume_note}). Continue with:\n"
+                      f"  {resume_command(argv)}", file=sys.stderr)  # fmt: skip
+            else:
+                again = shlex.join(["writesae", *(a for a in argv if a not in ("--overwrite", "--resume"))])
+                print(f"Nothing was saved in {out} yet. Start again with:\n  {again}", file=sys.stderr)
         return 143 if terminated else 130
     except user_errors() as err:
         print(f"writesae {args.command}: error: {_message(err)}", file=sys.stderr)

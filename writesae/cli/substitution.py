@@ -26,12 +26,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.protocols.substitution import SubstitutionConfig, run_substitution
 
-    out = common.protocol_out_dir(args, "substitution run")
-    if out is None:
-        return
-    model = common.load_model(args)
-    sae = common.load_sae(args.sae, model)
-    config = common.protocol_config(SubstitutionConfig, args)
-    result = run_substitution(model, sae, common.token_blocks(model, args), config=config, out_dir=out)
-    common.print_json("substitution", {k: v for k, v in result.summary.items() if k not in ("population", "config")})
-    print(f"results in {out}")
+    common.run_sae_protocol(args, "substitution run", SubstitutionConfig, run_substitution, hidden=("population", "config"))
