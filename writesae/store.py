@@ -38,7 +38,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -50,10 +50,11 @@ from tqdm.auto import tqdm
 from hooked_recurrent.files import atomic_dir, atomic_save_safetensors, atomic_write_text
 
 from writesae.outputs import OutputMode, prepare_output_dir
+from writesae.shards import CellRows
+from writesae.streaming import Kind, StoreSource
 
 __all__ = ["collect", "WriteStore", "StoreSource"]
 
-Kind = Literal["state", "write"]
 _FORMAT = "writesae.WriteStore/1"
 
 
@@ -498,25 +499,47 @@ class WriteStore:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(_cell(layer, head))
 
+    def rows(self, layer: int, head: int, split: str = "train") -> CellRows:
+        """A cell's samples as one memory-mapped array of rows (`writesae.shards.CellRows`)."""
+        return CellRows(self._shards(layer, head, split))
+
     def read(self, layer: int, head: int, split: str = "train") -> dict[str, Tensor]:
         """Every sample of a cell, in storage order (small stores; large ones stream via `source`)."""
-        parts = [_load(shard) for shard in self._shards(layer, head, split)]
-        if not parts:
-            return {}
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        rows = self.rows(layer, head, split)
+        return rows.gather(torch.arange(rows.num_rows)) if rows.shards else {}
 
     def source(
-        self, layer: int, head: int, split: str = "train", *, shuffle: bool = True, seed: int | None = None,
-        buffer_shards: int = 4,
+        self,
+        layer: int,
+        head: int,
+        split: str = "train",
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        block_size: int = 256,
+        window_blocks: int = 64,
+        pin_memory: bool = False,
     ) -> StoreSource:
-        """A training source (``num_samples`` + ``batches(epoch, batch_size, start)``) over a cell."""
+        """A training source over a cell, streamed from memory-mapped shards (`writesae.streaming`).
+
+        Args:
+            layer: Layer of the cell.
+            head: Head of the cell.
+            split: ``"train"`` or ``"val"``.
+            shuffle: Block-shuffle the samples every epoch (off for validation).
+            seed: Seed of the order (default: the store's seed).
+            block_size: Consecutive samples read together.
+            window_blocks: Blocks shuffled together; memory stays near ``block_size * window_blocks`` samples.
+            pin_memory: Page-locked batches, for asynchronous copies to a GPU.
+        """
         return StoreSource(
-            self._shards(layer, head, split),
-            self.num_samples(layer, head, split),
+            self.rows(layer, head, split),
             kind=self.kind,
             shuffle=shuffle,
             seed=self.manifest["seed"] if seed is None else seed,
-            buffer_shards=buffer_shards,
+            block_size=block_size,
+            window_blocks=window_blocks,
+            pin_memory=pin_memory,
         )
 
     def bytes_per_sample(self, layer: int, head: int, split: str = "train") -> float:
@@ -545,53 +568,3 @@ def _load(path: Path) -> dict[str, Tensor]:
                     "was collected from a broken model; collect it again."
                 )
     return tensors
-
-
-class StoreSource:
-    """Streams a cell's shards: a few shards at a time, shuffled within them, in a seeded order.
-
-    The order of an epoch depends only on ``(seed, epoch)``, so resuming training at batch
-    ``start`` sees exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(
-        self, shards: list[Path], num_samples: int, *, kind: Kind, shuffle: bool, seed: int, buffer_shards: int
-    ) -> None:
-        self.shards, self._num_samples, self.kind = shards, num_samples, kind
-        self.shuffle, self.seed, self.buffer_shards = shuffle, seed, max(1, buffer_shards)
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_samples
-
-    def _generator(self, epoch: int, group: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1_009 + group)
-
-    def batches(self, epoch: int, batch_size: int, start: int = 0) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        order = list(range(len(self.shards)))
-        if self.shuffle:
-            order = torch.randperm(len(order), generator=self._generator(epoch, -1)).tolist()
-        index = 0
-        carry: dict[str, Tensor] | None = None
-        for group_start in range(0, len(order), self.buffer_shards):
-            group = [_load(self.shards[i]) for i in order[group_start : group_start + self.buffer_shards]]
-            pool = {k: torch.cat([g[k] for g in group]) for k in group[0]}
-            if self.shuffle:
-                perm = torch.randperm(len(pool["sequence"]), generator=self._generator(epoch, group_start))
-                pool = {k: v[perm] for k, v in pool.items()}
-            if carry is not None:
-                pool = {k: torch.cat([carry[k], pool[k]]) for k in pool}
-            n = len(pool["sequence"])
-            full = n - n % batch_size
-            for begin in range(0, full, batch_size):
-                if index >= start:
-                    yield self._batch(pool, begin, begin + batch_size)
-                index += 1
-            carry = {k: v[full:] for k, v in pool.items()} if full < n else None
-        if carry is not None and index >= start:
-            yield self._batch(carry, 0, len(carry["sequence"]))
-
-    def _batch(self, pool: dict[str, Tensor], a: int, b: int) -> Tensor | tuple[Tensor, Tensor]:
-        if self.kind == "state":
-            return pool["states"][a:b]
-        return pool["keys"][a:b], pool["values"][a:b]

@@ -55,7 +55,8 @@ def train_on_store(
         trainer: Trainer settings (default: the paper's; ``out_dir`` keeps logs and checkpoints).
         seed: Seed of the SAE's initialisation.
         resume_from: A trainer checkpoint directory to continue from.
-        **sae_kwargs: Further `WriteTrainingSAEConfig` fields (``variant``, ``rank``, ``sparsity``...).
+        **sae_kwargs: Further `WriteTrainingSAEConfig` fields (``variant``, ``rank``, ``sparsity``,
+            ``device``...).
 
     Returns:
         ``(inference SAE with the best validation weights, that validation's metrics)``: the
@@ -79,7 +80,9 @@ def train_on_store(
     cfg.metadata.model_name = store.model_name
     training_sae = WriteTrainingSAE(cfg, seed=seed)
     trainer = trainer or TrainerConfig()
-    run = WriteSAETrainer(training_sae, store.source(layer, head, "train"), trainer, val=store.source(layer, head, "val", shuffle=False))
+    pin = torch.device(cfg.device).type == "cuda"  # page-locked batches copy to the GPU asynchronously
+    train = store.source(layer, head, "train", pin_memory=pin)
+    run = WriteSAETrainer(training_sae, train, trainer, val=store.source(layer, head, "val", shuffle=False, pin_memory=pin))
     run.fit(resume_from=resume_from)
     if run.best_state_dict is not None:
         training_sae.load_state_dict(run.best_state_dict)
