@@ -1,0 +1,77 @@
+"""torch.distributed on CPU: torchrun's environment, and one torchrun launch of 2 gloo processes
+whose results must equal the same work done in this one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny_pair
+from writesae.distributed import World, on_main, rank_device, rank_range
+from writesae.store import collect
+from writesae.sweep import SweepGrid, train_cell
+from writesae.sweep.runner import _store_digest
+
+WORKER = Path(__file__).with_name("torchrun_worker.py")
+
+
+def test_world_from_torchrun_environment():
+    assert World.from_env({}) == World(0, 1, 0)
+    world = World.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (world.rank, world.world_size, world.local_rank, world.is_main, world.distributed) == (3, 4, 1, False, True)
+    with pytest.raises(ValueError, match="RANK=4, WORLD_SIZE=4"):
+        World.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        World.from_env({"WORLD_SIZE": "two"})
+    assert rank_device("cpu", world) == torch.device("cpu")
+    with pytest.raises(ValueError, match="pass --device cuda"):
+        rank_device("cuda:1", world)
+    shares = [rank_range(10, r, 3) for r in range(3)]
+    assert shares == [(0, 3), (3, 6), (6, 10)]
+    assert on_main(lambda: 7, World()) == 7
+    with pytest.raises(KeyError, match="boom"):
+        on_main(lambda: {}["boom"], World())
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One torchrun launch (2 processes, gloo) running every task of the spec; returns the spec."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    model = tiny_pair("tiny-random:qwen3.5")[0]
+    tokens = torch.randint(3, 256, (24, 24), generator=torch.Generator().manual_seed(0))
+    collect(model, tokens, layers=[0, 1], heads=[1, 2], kind="write", out_dir=tmp / "store", verbose=False)
+    grid = {"store": str(tmp / "store"), "grid": {"layer": [0, 1], "variant": ["bilinear", "flat"]},
+            "fixed": {"head": 1, "d_sae": 16, "k": 3, "epochs": 2, "batch_size": 32, "input_scaling": "unit_mean_square"}}
+    spec = {"sweep": {"grid": grid, "out": str(tmp / "sweep")}, "tmp": str(tmp)}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(tmp / "spec.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return spec
+
+
+def test_sweep_on_two_ranks_equals_its_cells_trained_one_by_one(launched, tmp_path):
+    grid = SweepGrid.from_dict(launched["sweep"]["grid"])
+    out = Path(launched["sweep"]["out"])
+    from writesae.store import WriteStore
+
+    store = WriteStore(grid.store)
+    cells = grid.cells(_store_digest(store))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in rows] == [c.id for c in cells]  # one table, in grid order
+    assert {r["rank"] for r in rows} == {0, 1}  # the cells were spread over both ranks
+    for cell, row in zip(cells, rows):
+        alone = train_cell(cell, store, tmp_path / cell.id)
+        for metric in ("val_mse", "val_explained_variance", "val_dead_fraction", "val_l0"):
+            assert row[metric] == alone[metric], (cell.id, metric)
+        ranked = load_file(out / "cells" / cell.id / "sae" / "sae_weights.safetensors")
+        single = load_file(tmp_path / cell.id / "sae" / "sae_weights.safetensors")
+        assert ranked.keys() == single.keys()
+        assert all(torch.equal(ranked[k], single[k]) for k in ranked), cell.id
+    assert (out / "report.md").is_file() and (out / "by_variant.png").is_file()
