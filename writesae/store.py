@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from hooked_recurrent.files import atomic_dir, atomic_save_safetensors, atomic_write_text
 
+from writesae.distributed import World, all_gather_objects, on_main, rank_range
 from writesae.outputs import OutputMode, prepare_output_dir
 from writesae.shards import CellRows
 from writesae.streaming import Kind, StoreSource
@@ -97,13 +99,20 @@ def collect(
     verbose: bool = True,
     mode: OutputMode = "new",
     checkpoint_every: int = 16,
+    world: World | None = None,
 ) -> WriteStore:
     """Capture states or writes of some (layer, head) cells into a sharded store.
 
     Collection is resumable: every ``checkpoint_every`` batches the progress (samples not yet in a
-    shard, the running means, the subsampling generator) is saved atomically under
-    ``out_dir/collect_checkpoint/``; ``mode="resume"`` with the same arguments continues from there
-    and ends with the store an uninterrupted run writes, shard for shard.
+    shard, the running means) is saved atomically under ``out_dir/collect_checkpoint/``;
+    ``mode="resume"`` with the same arguments continues from there and ends with the store an
+    uninterrupted run writes, shard for shard.
+
+    Data-parallel under ``torchrun``: each rank runs its own model copy over a contiguous share of
+    the batches and writes its own shards (``rank00003_shard_00000.safetensors``); rank 0 gathers
+    what every rank wrote and writes the one manifest, which lists the shards in sequence order.
+    The split and the kept positions are seeded per sequence, and every batch is the batch a single
+    process would run, so the store holds, sample for sample, what one process would write.
 
     Args:
         model: A `HookedRecurrentModel`.
@@ -127,6 +136,9 @@ def collect(
         mode: ``"new"`` (refuse a folder holding files), ``"resume"`` or ``"overwrite"``; see
             `writesae.outputs.prepare_output_dir`.
         checkpoint_every: Save the progress every this many batches.
+        world: The processes sharing the work (default: from ``torchrun``'s environment; under
+            ``torchrun`` call this inside `writesae.distributed.process_group`). Data-parallel
+            collection needs ``tokens`` as one tensor.
 
     Returns:
         The opened `WriteStore`.
@@ -140,25 +152,30 @@ def collect(
     heads = list(range(cfg.n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
     settings = _check_collect_args(cfg, tokens, layers, heads, kind, positions_per_sequence, skip_first, batch_size,
                                    shard_size, val_fraction, dtype, checkpoint_every)  # fmt: skip
+    world = _collect_world(world, tokens)
     settings.update(kind=kind, positions_per_sequence=positions_per_sequence, skip_first=skip_first,
                     batch_size=batch_size, shard_size=shard_size, val_fraction=val_fraction, seed=seed, center=center,
-                    model=cfg.model_name)  # fmt: skip
-    out = prepare_output_dir(out_dir, mode, what="store")
+                    model=cfg.model_name, world_size=world.world_size)  # fmt: skip
+    out = on_main(lambda: prepare_output_dir(out_dir, mode, what="store"), world)
     if mode == "resume" and (out / "manifest.json").exists():
         store = WriteStore(out)
         _check_same_settings(store.manifest.get("settings", {}), settings, out / "manifest.json")
         return store
 
-    n_seq_known = tokens.shape[0] if isinstance(tokens, Tensor) else None
+    # This rank's batches: a contiguous share, cut at the batch boundaries a single process uses.
+    n_batches = -(-tokens.shape[0] // batch_size) if isinstance(tokens, Tensor) else None
+    first, last = rank_range(n_batches, world.rank, world.world_size) if world.distributed else (0, n_batches)
+    prefix = f"rank{world.rank:05d}_" if world.distributed else ""
     buffers: dict[tuple[str, int, int], _Buffer] = {}
     sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
     counts = {"train": 0, "val": 0}
-    generator = torch.Generator().manual_seed(seed)
-    done = {"batches": 0, "sequences": 0}
+    done = {"batches": 0, "sequences": first * batch_size}
     if mode == "resume":
-        _restore(out, settings, buffers, sums, counts, generator, done)
+        _restore(out, settings, buffers, sums, counts, done, world, prefix)
     sequence_offset = done["sequences"]
-    with tqdm(total=n_seq_known, initial=sequence_offset, disable=not verbose, desc=f"collecting {kind}s", unit="seq") as progress:
+    n_mine = None if n_batches is None else min(last * batch_size, tokens.shape[0]) - first * batch_size
+    desc = f"collecting {kind}s" + (f" (rank {world.rank})" if world.distributed else "")
+    with tqdm(total=n_mine, initial=sequence_offset - first * batch_size, disable=not verbose, desc=desc, unit="seq") as progress:
         names: list[str] = []
         for layer in layers:
             if kind == "state":
@@ -166,7 +183,8 @@ def collect(
             else:
                 names += [cfg.hook_name(layer, "hook_write_key"), cfg.hook_name(layer, "hook_write_value")]
 
-        for batch_tokens, batch_mask in itertools.islice(_batches(tokens, attention_mask, batch_size), done["batches"], None):
+        batches = _batches(tokens, attention_mask, batch_size)
+        for batch_tokens, batch_mask in itertools.islice(batches, first + done["batches"], last):
             n = batch_tokens.shape[0]
             sequence_ids = torch.arange(sequence_offset, sequence_offset + n)
             sequence_offset += n
@@ -179,53 +197,101 @@ def collect(
                     stop_at_layer=max(layers) + 1,
                     return_cache_object=False,
                 )
-            keep = _kept_positions(batch_mask, batch_tokens.shape, positions_per_sequence, skip_first, generator)
+            keep = _kept_positions(batch_mask, batch_tokens.shape, positions_per_sequence, skip_first, sequence_ids, seed)
             seq_index, pos_index = keep.nonzero(as_tuple=True)
+            on_model = seq_index.to(batch_tokens.device), pos_index.to(batch_tokens.device)
             for layer in layers:
                 for head in heads:
+                    # One copy of the kept rows to the host per cell; every later step runs on the CPU.
                     if kind == "state":
-                        samples = {"states": acts[cfg.hook_name(layer, f"heads.{head}.hook_state")][seq_index, pos_index]}
+                        samples = {"states": acts[cfg.hook_name(layer, f"heads.{head}.hook_state")][on_model].cpu()}
                     else:
                         samples = {
-                            "keys": acts[cfg.hook_name(layer, "hook_write_key")][seq_index, pos_index, head],
-                            "values": acts[cfg.hook_name(layer, "hook_write_value")][seq_index, pos_index, head],
+                            "keys": acts[cfg.hook_name(layer, "hook_write_key")][(*on_model, head)].cpu(),
+                            "values": acts[cfg.hook_name(layer, "hook_write_value")][(*on_model, head)].cpu(),
                         }
-                    samples["sequence"] = sequence_ids[seq_index.cpu()]
-                    samples["position"] = pos_index.cpu()
+                    samples["sequence"] = sequence_ids[seq_index]
+                    samples["position"] = pos_index
                     _check_samples(samples, dtype, layer, head)
-                    val_rows = is_val[seq_index.cpu()]
+                    val_rows = is_val[seq_index]
                     for split, rows in (("train", ~val_rows), ("val", val_rows)):
-                        part = {k: v[rows.to(v.device)].detach().cpu() for k, v in samples.items()}
-                        part = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()}
+                        part = {k: (v[rows].to(dtype) if v.is_floating_point() else v[rows]) for k, v in samples.items()}
                         if split == "train" and center:
                             _accumulate_mean(sums, (layer, head), part, kind)
                         buffer = buffers.setdefault((split, layer, head), _Buffer([]))
                         buffer.parts.append(part)
                         buffer.count += len(part["sequence"])
                         while buffer.count >= shard_size:
-                            _flush(out, split, layer, head, buffer, shard_size)
+                            _flush(out, split, layer, head, buffer, shard_size, prefix)
             counts["train"] += int((~is_val).sum())
             counts["val"] += int(is_val.sum())
             done["batches"] += 1
             done["sequences"] = sequence_offset
             progress.update(n)
             if done["batches"] % checkpoint_every == 0:
-                _save_progress(out, settings, buffers, sums, counts, generator, done)
+                _save_progress(_checkpoint_dir(out, world), settings, buffers, sums, counts, done)
+    # Each rank's share, in rank order = sequence order: counts, shard files, sums for the means.
+    shares = all_gather_objects({"counts": counts, "sums": sums, "files": _finish_shards(out, buffers, shard_size, prefix)}, world)
+    total = {split: sum(share["counts"][split] for share in shares) for split in ("train", "val")}
     for split in ("train", "val"):
-        if counts[split] == 0:
+        if total[split] == 0:
             raise ValueError(
-                f"the {split} split holds no sequence ({done['sequences']} sequence(s), val_fraction={val_fraction}); "
+                f"the {split} split holds no sequence ({sum(total.values())} sequence(s), val_fraction={val_fraction}); "
                 "collect more sequences or change val_fraction"
             )
+    write = lambda: _write_manifest(out, cfg, settings, shares)  # noqa: E731
+    on_main(write, world)
+    return WriteStore(out)
+
+
+def _collect_world(world: World | None, tokens: Any) -> World:
+    world = World.from_env() if world is None else world
+    if world.distributed and not dist.is_initialized():
+        raise RuntimeError(
+            f"collect runs as rank {world.rank} of {world.world_size} but no process group exists; "
+            "call it inside `with writesae.distributed.process_group(device):`"
+        )
+    if world.distributed and not isinstance(tokens, Tensor):
+        raise ValueError(
+            "data-parallel collection splits the token blocks between ranks by their index: pass tokens as one "
+            "[n_seq, pos] tensor, not an iterable of batches"
+        )
+    return world
+
+
+def _checkpoint_dir(out: Path, world: World) -> Path:
+    return out / _CHECKPOINT / f"rank{world.rank:05d}" if world.distributed else out / _CHECKPOINT
+
+
+def _finish_shards(out: Path, buffers: dict, shard_size: int, prefix: str) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """Write what the buffers still hold; returns each (split, layer, head)'s shard files and sample count."""
+    files = {}
     for (split, layer, head), buffer in buffers.items():
         while buffer.count:
-            _flush(out, split, layer, head, buffer, shard_size)
+            _flush(out, split, layer, head, buffer, shard_size, prefix)
+        names = [_shard_name(prefix, i) for i in range(buffer.shards)]
+        files[(split, layer, head)] = {"files": names, "samples": buffer.written}
+    return files
 
-    cells = {}
-    for (split, layer, head), buffer in buffers.items():
-        cell = cells.setdefault(_cell(layer, head), {"layer": layer, "head": head})
-        cell[split] = {"shards": buffer.shards, "samples": buffer.written}
-    if center:
+
+def _write_manifest(out: Path, cfg: Any, settings: dict[str, Any], shares: list[dict[str, Any]]) -> None:
+    """The one manifest (and the means), from every rank's share in rank order; removes the checkpoints."""
+    layers, heads, kind = settings["layers"], settings["heads"], settings["kind"]
+    counts = {split: sum(share["counts"][split] for share in shares) for split in ("train", "val")}
+    cells: dict[str, dict[str, Any]] = {}
+    for share in shares:
+        for (split, layer, head), written in share["files"].items():
+            cell = cells.setdefault(_cell(layer, head), {"layer": layer, "head": head})
+            entry = cell.setdefault(split, {"shards": 0, "samples": 0, "files": []})
+            entry["files"] += written["files"]
+            entry["shards"] += len(written["files"])
+            entry["samples"] += written["samples"]
+    if settings["center"]:
+        sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
+        for share in shares:
+            for key, (total, count) in share["sums"].items():
+                old = sums.get(key)
+                sums[key] = (total, count) if old is None else (old[0] + total, old[1] + count)
         atomic_save_safetensors({f"{_cell(*cell)}": total / count for cell, (total, count) in sums.items()}, out / "mean.safetensors")
     manifest = {
         "format": _FORMAT,
@@ -243,19 +309,18 @@ def collect(
         },
         "layers": list(layers),
         "heads": heads,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": settings["dtype"],
         "sequences": counts,
-        "positions_per_sequence": positions_per_sequence,
-        "skip_first": skip_first,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "centered": center,
+        "positions_per_sequence": settings["positions_per_sequence"],
+        "skip_first": settings["skip_first"],
+        "val_fraction": settings["val_fraction"],
+        "seed": settings["seed"],
+        "centered": settings["center"],
         "cells": cells,
         "settings": settings,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     shutil.rmtree(out / _CHECKPOINT, ignore_errors=True)
-    return WriteStore(out)
 
 
 def _check_collect_args(
@@ -333,10 +398,9 @@ def _check_samples(samples: dict[str, Tensor], dtype: torch.dtype, layer: int, h
             )
 
 
-def _save_progress(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, generator: torch.Generator,
-                   done: dict) -> None:  # fmt: skip
+def _save_progress(checkpoint: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, done: dict) -> None:
     """Atomically save what a resumed collection needs (the shards on disk are already final)."""
-    tensors: dict[str, Tensor] = {"generator": generator.get_state()}
+    tensors: dict[str, Tensor] = {}
     buffer_state = []
     for (split, layer, head), buffer in buffers.items():
         buffer_state.append({"split": split, "layer": layer, "head": head, "count": buffer.count,
@@ -354,19 +418,19 @@ def _save_progress(out: Path, settings: dict[str, Any], buffers: dict, sums: dic
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / _CHECKPOINT_TENSORS))
         (directory / _CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
 
-    atomic_dir(out / _CHECKPOINT, write)
+    atomic_dir(checkpoint, write)
 
 
-def _restore(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, generator: torch.Generator,
-             done: dict) -> None:  # fmt: skip
-    """Load the last progress checkpoint (none: start from the beginning) and drop shards written after it."""
-    checkpoint = out / _CHECKPOINT
+def _restore(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, counts: dict, done: dict, world: World,
+             prefix: str) -> None:  # fmt: skip
+    """Load this rank's last progress checkpoint (none: start from the beginning) and drop the
+    shards it wrote after it."""
+    checkpoint = _checkpoint_dir(out, world)
     state = None
     if (checkpoint / _CHECKPOINT_STATE).exists():
         state = json.loads((checkpoint / _CHECKPOINT_STATE).read_text())
         _check_same_settings(state["settings"], settings, checkpoint / _CHECKPOINT_STATE)
         tensors = _load(checkpoint / _CHECKPOINT_TENSORS)
-        generator.set_state(tensors["generator"])
         done.update(state["done"])
         counts.update(state["counts"])
         for entry in state["buffers"]:
@@ -380,8 +444,8 @@ def _restore(out: Path, settings: dict[str, Any], buffers: dict, sums: dict, cou
         for cell_dir in (out / split).glob("L*_H*"):
             layer, head = (int(x[1:]) for x in cell_dir.name.split("_"))
             buffer = buffers.get((split, layer, head))
-            for shard in cell_dir.glob("shard_*.safetensors"):
-                if buffer is None or int(shard.stem.split("_")[1]) >= buffer.shards:
+            for shard in cell_dir.glob(f"{prefix}shard_*.safetensors"):
+                if buffer is None or int(shard.stem.rsplit("_", 1)[1]) >= buffer.shards:
                     shard.unlink()  # written after the checkpoint: the resumed run writes it again
 
 
@@ -395,12 +459,17 @@ def _accumulate_mean(sums: dict, key: tuple[int, int], part: dict[str, Tensor], 
     sums[key] = (total, count) if old is None else (old[0] + total, old[1] + count)
 
 
-def _flush(out: Path, split: str, layer: int, head: int, buffer: _Buffer, shard_size: int) -> None:
+def _shard_name(prefix: str, index: int) -> str:
+    """``shard_00007.safetensors``; a rank of a data-parallel collection prefixes ``rank00002_``."""
+    return f"{prefix}shard_{index:05d}.safetensors"
+
+
+def _flush(out: Path, split: str, layer: int, head: int, buffer: _Buffer, shard_size: int, prefix: str) -> None:
     merged = {k: torch.cat([p[k] for p in buffer.parts]) for k in buffer.parts[0]}
     take = min(shard_size, buffer.count)
     shard = {k: v[:take] for k, v in merged.items()}
     rest = {k: v[take:] for k, v in merged.items()}
-    atomic_save_safetensors(shard, out / split / _cell(layer, head) / f"shard_{buffer.shards:05d}.safetensors")
+    atomic_save_safetensors(shard, out / split / _cell(layer, head) / _shard_name(prefix, buffer.shards))
     buffer.shards += 1
     buffer.written += take
     buffer.count -= take
@@ -432,12 +501,17 @@ def _kept_positions(
     shape: torch.Size,
     per_sequence: int | None,
     skip_first: int,
-    generator: torch.Generator,
+    sequence_ids: Tensor,
+    seed: int,
 ) -> Tensor:
+    """Positions to capture (CPU): unpadded, past ``skip_first``, and ``per_sequence`` of them drawn
+    with a generator seeded per sequence (the same whatever the batching or the rank)."""
     keep = torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
     keep[:, :skip_first] = False
     if per_sequence is not None:
-        scores = torch.rand(shape, generator=generator).masked_fill(~keep, -1.0)
+        seeds = [random.Random(f"positions:{seed}:{int(s)}").getrandbits(63) for s in sequence_ids]
+        scores = torch.stack([torch.rand(shape[1], generator=torch.Generator().manual_seed(g)) for g in seeds])
+        scores = scores.masked_fill(~keep, -1.0)
         top = scores.topk(min(per_sequence, shape[1]), dim=1).indices
         chosen = torch.zeros_like(keep)
         chosen.scatter_(1, top, True)
@@ -485,8 +559,12 @@ class WriteStore:
         return self.manifest["cells"][cell]
 
     def _shards(self, layer: int, head: int, split: str) -> list[Path]:
-        self._cell_entry(layer, head, split)
-        return sorted((self.path / split / _cell(layer, head)).glob("shard_*.safetensors"))
+        """The cell's shard files in sample order (as the manifest lists them; older stores: by name)."""
+        folder = self.path / split / _cell(layer, head)
+        files = self._cell_entry(layer, head, split).get(split, {}).get("files")
+        if files is None:
+            return sorted(folder.glob("shard_*.safetensors"))
+        return [folder / name for name in files]
 
     def num_samples(self, layer: int, head: int, split: str = "train") -> int:
         return self._cell_entry(layer, head, split).get(split, {}).get("samples", 0)

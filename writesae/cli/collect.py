@@ -27,17 +27,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center", action="store_true", help="also store each cell's mean training sample")
     p.add_argument("--checkpoint-every", type=options.positive_int, default=16, help="batches between progress checkpoints")
     options.add_output_options(p, "store")
+    p.epilog = ("Under torchrun (torchrun --nproc-per-node N $(which writesae) collect ...) each process runs its "
+                "own model copy over its share of the batches and writes its own shards; the store equals one "
+                "process's, sample for sample.")
 
 
 def run(args: argparse.Namespace) -> None:
+    from writesae.distributed import process_group, rank_device
     from writesae.store import collect
 
-    model = common.load_model(args)
-    tokens = common.token_blocks(model, args, split="train")
-    store = collect(model, tokens, layers=args.layer, heads=args.heads, kind=args.kind, out_dir=args.out,
-                    positions_per_sequence=args.positions_per_sequence, skip_first=args.skip_first,
-                    batch_size=args.batch_size, dtype=getattr(torch, args.store_dtype), center=args.center,
-                    mode=options.output_mode(args), checkpoint_every=args.checkpoint_every)  # fmt: skip
+    with process_group(args.device) as world:
+        args.device = str(rank_device(args.device, world))  # under torchrun: this process's GPU
+        model = common.load_model(args)
+        tokens = common.token_blocks(model, args, split="train")
+        store = collect(model, tokens, layers=args.layer, heads=args.heads, kind=args.kind, out_dir=args.out,
+                        positions_per_sequence=args.positions_per_sequence, skip_first=args.skip_first,
+                        batch_size=args.batch_size, dtype=getattr(torch, args.store_dtype), center=args.center,
+                        mode=options.output_mode(args), checkpoint_every=args.checkpoint_every, world=world)  # fmt: skip
+    if not world.is_main:
+        return
     for layer in args.layer:
         for head in store.manifest["heads"]:
             print(f"L{layer} H{head}: {store.num_samples(layer, head, 'train')} train / "

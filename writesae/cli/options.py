@@ -40,6 +40,7 @@ __all__ = [
     "store_dir",
     "sae_dir",
     "output_mode",
+    "add_device_option",
     "add_model_options",
     "add_token_options",
     "add_output_options",
@@ -142,13 +143,19 @@ def output_mode(args: argparse.Namespace) -> str:
     return "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``; under ``torchrun``, ``cuda`` means each process's own GPU (its ``LOCAL_RANK``)."""
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible; under torchrun, "
+                             "cuda is each process's GPU)")  # fmt: skip
+
+
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
     """The model to load, where, in which dtype, and the seed."""
     if positional:
         parser.add_argument("model", type=model_name,
                             help="hub id, local model folder, or built-in name (stdlib:qwen3.5, stdlib:mamba2)")  # fmt: skip
-    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible)")  # fmt: skip
+    add_device_option(parser)
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype")
     parser.add_argument("--seed", type=int, default=0)
 
