@@ -138,11 +138,13 @@ def _concat(parts: list[Batch]) -> Batch:
     return torch.cat(parts)  # type: ignore[arg-type]
 
 
-def _length(batch: Batch) -> int:
+def batch_rows(batch: Batch) -> int:
+    """Samples in a batch (dense or factor form)."""
     return batch[0].shape[0] if isinstance(batch, tuple) else batch.shape[0]
 
 
-def _slice(batch: Batch, a: int, b: int) -> Batch:
+def slice_batch(batch: Batch, a: int, b: int) -> Batch:
+    """Samples ``a`` to ``b`` of a batch (dense or factor form)."""
     if isinstance(batch, tuple):
         return batch[0][a:b], batch[1][a:b]
     return batch[a:b]
@@ -180,13 +182,13 @@ class IterableSource:
         n_pending, index = 0, 0
         for chunk in self.iterable:
             pending.append(chunk)
-            n_pending += _length(chunk)
+            n_pending += batch_rows(chunk)
             while n_pending >= batch_size:
                 merged = _concat(pending)
                 if index >= start:
-                    yield _slice(merged, 0, batch_size)
+                    yield slice_batch(merged, 0, batch_size)
                 index += 1
-                rest = _slice(merged, batch_size, n_pending)
+                rest = slice_batch(merged, batch_size, n_pending)
                 n_pending -= batch_size
                 pending = [rest] if n_pending else []
         if n_pending and index >= start:

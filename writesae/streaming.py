@@ -118,11 +118,10 @@ class StoreSource:
 
     def rank_batches(
         self, epoch: int, batch_size: int, start: int, rank: int, world_size: int
-    ) -> Iterator[tuple[Tensor | tuple[Tensor, Tensor], int]]:
-        """For each global batch: ``(the rows rank owns, the global batch's size)``; reads only those rows."""
+    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """The rows ``rank`` owns of each global batch (`writesae.distributed.rank_range`); reads only those."""
         for index in self.index_batches(epoch, batch_size, start):
-            begin, end = rank_range(len(index), rank, world_size)
-            yield self._batch(index[begin:end]), len(index)
+            yield self._batch(index[slice(*rank_range(len(index), rank, world_size))])
 
     def _batch(self, index: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.kind == "state":

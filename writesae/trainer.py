@@ -50,7 +50,9 @@ from tqdm.auto import tqdm
 
 from hooked_recurrent.files import atomic_write_text
 
-from writesae.data import Batch, WriteSource, as_source
+from writesae.data import Batch, WriteSource, as_source, batch_rows, slice_batch
+from writesae.data_parallel import DataParallel
+from writesae.distributed import World, on_main, rank_range
 from writesae.io import (
     CHECKPOINT_ARCHITECTURE,
     CheckpointError,
@@ -72,6 +74,7 @@ LOG_FILENAME = "train_log.jsonl"
 # Trainer fields that fix the data order and the random draws; a resume must keep them.
 _RESUME_INVARIANTS = ("batch_size", "seed", "input_scaling")
 _CHECKPOINT_FORMAT = 2  # 2: the best weights travel in the checkpoint
+_NEVER = 2**62  # "no divergence yet", as a step number
 
 
 class TrainingError(RuntimeError):
@@ -209,37 +212,56 @@ def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
 
 
 class _Totals:
-    """Running sums for metrics over many batches."""
+    """Running sums for metrics over many batches, kept on the SAE's device: adding a batch never
+    waits for the device; `metrics` does, once."""
 
     def __init__(self, sae: WriteTrainingSAE, input_scale: float = 1.0):
-        cfg = sae.cfg
+        cfg, device = sae.cfg, sae.device
         self.input_scale = input_scale  # MSE is reported in the raw data's units
         self.d_in = cfg.d_in
-        self.n = 0
-        self.sq_err = 0.0
-        self.sq_norm = 0.0
-        self.l0 = 0.0
-        self.input_sum = torch.zeros(cfg.d_k, cfg.d_v, dtype=torch.float64)
-        self.fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+        # samples, squared error, squared norm, active codes, loss * samples, AuxK loss * samples
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.input_sum = torch.zeros(cfg.d_k, cfg.d_v, dtype=torch.float64, device=device)
+        self.fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
 
-    def add(self, out: LossOutput) -> None:
-        active = out.code.dense != 0
-        self.n += active.shape[0]
-        self.sq_err += float(out.sq_err.double().sum())
-        self.sq_norm += float(out.sq_norm.double().sum())
-        self.l0 += float(active.sum())
-        self.input_sum += out.input_sum.double().cpu()
-        self.fired |= active.any(0).cpu()
+    def add(self, out: LossOutput, rows: int | None = None) -> None:
+        """Add a loss evaluation (its first ``rows`` samples; the rest pad an empty share)."""
+        n = out.sq_err.shape[0] if rows is None else rows
+        active = out.code.dense[:n] != 0
+        parts = (active.new_tensor(n, dtype=torch.float64), out.sq_err[:n].double().sum(), out.sq_norm[:n].double().sum(),
+                 active.sum().double(), out.loss.detach().double() * n, out.aux.detach().double() * n)  # fmt: skip
+        self.sums += torch.stack(parts)
+        if n:
+            self.input_sum += out.input_sum.double()
+        self.fired |= active.any(0)
 
-    def metrics(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        centred = self.sq_norm - float(self.input_sum.pow(2).sum()) / n
+    def reduce(self, parallel: DataParallel) -> _Totals:
+        """Sum over the ranks that share the batches (in place)."""
+        parallel.sum(self.sums)
+        parallel.sum(self.input_sum)
+        self.fired = parallel.any(self.fired)
+        return self
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The metrics as 0-d tensors on the device (read them with ``float``, or `as_floats`)."""
+        n, sq_err, sq_norm, l0, loss, aux = self.sums.unbind()
+        n = n.clamp(min=1)
+        centred = sq_norm - self.input_sum.pow(2).sum() / n
         return {
-            "mse": self.sq_err / (n * self.d_in) / self.input_scale**2,
-            "nmse": self.sq_err / max(self.sq_norm, 1e-30),
-            "explained_variance": 1.0 - self.sq_err / max(centred, 1e-30),
-            "l0": self.l0 / n,
+            "loss": loss / n,
+            "aux": aux / n,
+            "mse": sq_err / (n * self.d_in) / self.input_scale**2,
+            "nmse": sq_err / sq_norm.clamp(min=1e-30),
+            "explained_variance": 1.0 - sq_err / centred.clamp(min=1e-30),
+            "l0": l0 / n,
         }
+
+
+def as_floats(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with its tensors read as Python numbers (one wait for the device)."""
+    tensors = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].double() for k in tensors]).tolist() if tensors else []
+    return {**metrics, **dict(zip(tensors, values))}
 
 
 class WriteSAETrainer:
@@ -250,6 +272,10 @@ class WriteSAETrainer:
         train: Training data (anything ``writesae.data.as_source`` accepts).
         cfg: Hyper-parameters.
         val: Validation data, or ``None`` (no validation, no best checkpoint).
+        world: The ranks that train this SAE together, each on its share of every batch
+            (`writesae.data_parallel`); default ``World()``, one process. Pass
+            ``World.from_env()`` inside `writesae.distributed.process_group` under ``torchrun``.
+            Only rank 0 writes files.
     """
 
     def __init__(
@@ -258,12 +284,22 @@ class WriteSAETrainer:
         train: WriteSource | Any,
         cfg: TrainerConfig | None = None,
         val: WriteSource | Any | None = None,
+        world: World | None = None,
     ):
         self.sae = sae
         self.cfg = cfg or TrainerConfig()
         self.train_source = as_source(train)
         self.val_source = as_source(val) if val is not None else None
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
+        self.world = world or World()
+        self.parallel = DataParallel(self.world, sae)
+        if self.world.distributed and sae.cfg.sparsity == "batchtopk":
+            warnings.warn(
+                f"BatchTopK under data-parallel training selects k * rows codes within each of the "
+                f"{self.world.world_size} ranks' shares of a batch, not over the whole batch; the result differs "
+                "from one process's (see writesae.data_parallel). TopK is unaffected.",
+                stacklevel=2,
+            )
         self._param_names = [name for name, _ in sae.named_parameters()]
         self.optimizer = torch.optim.Adam(
             [p for _, p in sae.named_parameters()],
@@ -284,6 +320,11 @@ class WriteSAETrainer:
         self.input_scale = 1.0
         self.last_val: dict[str, float] | None = None
         self.total_steps = self._total_steps()
+        # Divergence is noted on the device (the first bad step, and what went bad) and read when a
+        # step is logged or a checkpoint saved, so that no step waits for the device to answer.
+        self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=sae.device)
+        self._unlogged: dict[str, Any] | None = None  # the last logged step's metrics, read one step later
+        self._bar: Any = None
 
     # ------------------------------------------------------------------ schedule
 
@@ -311,74 +352,115 @@ class WriteSAETrainer:
     def _to_device(self, batch: Batch) -> Batch:
         dev, dt, c = self.sae.device, self.sae.dtype, self.input_scale
         if isinstance(batch, tuple):  # a write k u^T scales with its key factor
-            keys = batch[0].to(dev, dt)
-            return (keys * c if c != 1.0 else keys), batch[1].to(dev, dt)
-        batch = batch.to(dev, dt)
+            keys = batch[0].to(dev, dt, non_blocking=True)
+            return (keys * c if c != 1.0 else keys), batch[1].to(dev, dt, non_blocking=True)
+        batch = batch.to(dev, dt, non_blocking=True)
         return batch * c if c != 1.0 else batch
+
+    def _global_rows(self, n_rank: int) -> int:
+        """Samples in the global batch this rank holds ``n_rank`` of (from the schedule: no collective)."""
+        if not self.world.distributed:
+            return n_rank
+        n = self.train_source.num_samples
+        full = self.cfg.batch_size if n is None else min(self.cfg.batch_size, n - self.batch_in_epoch * self.cfg.batch_size)
+        begin, end = rank_range(full, self.world.rank, self.world.world_size)
+        if n_rank != end - begin:
+            raise TrainingError(
+                f"rank {self.world.rank} got {n_rank} samples of batch {self.batch_in_epoch}, expected {end - begin} of "
+                f"{full}; the training source must yield batches of batch_size samples (the last may be smaller)"
+            )
+        return full
+
+    def _stand_in(self, empty: Batch) -> Batch:
+        """One zero sample shaped like ``empty``'s, for a rank whose share of a short last batch is
+        empty: it still takes part in the gradient average, with weight 0."""
+        dev, dt = self.sae.device, self.sae.dtype
+        if isinstance(empty, tuple):
+            return tuple(torch.zeros(1, *t.shape[1:], device=dev, dtype=dt) for t in empty)  # type: ignore[return-value]
+        return torch.zeros(1, *empty.shape[1:], device=dev, dtype=dt)
 
     @torch.enable_grad()  # whatever the caller's grad mode (TransformerLens code often turns it off)
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimisation step (plus dead tracking, re-normalisation and resampling when due).
 
+        Nothing here waits for the device: the returned metrics (``loss``, ``mse``, ...) are
+        0-d tensors on the SAE's device until read, and divergence is noted on the device and
+        raised when the step is logged (`WriteSAETrainer.fit`) or a checkpoint saved. Under
+        data-parallel training ``batch`` is this rank's share of the global batch.
+
         Raises:
-            ValueError: the batch holds NaN or inf.
-            TrainingError: the loss or the weights became non-finite (the run diverged).
+            ValueError: the batch holds NaN or inf (checked where the batch is, before the copy).
         """
         cfg, sae = self.cfg, self.sae
         sae.train()
         check_finite_batch(batch, f"training batch {self.batch_in_epoch} of epoch {self.epoch}")
-        batch = self._to_device(batch)
+        n_rank = batch_rows(batch)
+        n_batch = self._global_rows(n_rank)
+        batch = self._to_device(batch) if n_rank else self._stand_in(batch)
         lr = learning_rate(self.step, self.total_steps, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = sae.compute_loss(batch, self.dead_mask)
-        if not bool(torch.isfinite(out.loss)):
-            raise self._diverged(f"the loss became {float(out.loss)}", lr)
+        # No atom can be dead before dead_steps steps: AuxK is skipped without asking the device.
+        out = self.parallel.loss(batch, self.dead_mask if self.step >= cfg.dead_steps else None)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        weight = self.parallel.loss_weight(n_rank, n_batch)
+        (out.loss * weight if weight != 1.0 else out.loss).backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        if not bool(torch.stack([p.isfinite().all() for p in sae.parameters()]).all()):
-            raise self._diverged("the weights became non-finite", lr)
+        self._note_divergence(out.loss)
 
         with torch.no_grad():
-            fired = (out.code.dense != 0).any(0)
+            fired = self.parallel.any((out.code.dense[:n_rank] != 0).any(0))
             self.steps_since_active += 1
-            self.steps_since_active[fired] = 0
-            if sae.cfg.sparsity == "batchtopk":
-                sae.update_topk_threshold(out.code.dense)
+            self.steps_since_active.masked_fill_(fired, 0)
+            sae.update_topk_threshold(out.code.dense[:n_rank], reduce_min=self.parallel.min)
         self.step += 1
-        self.samples_seen += out.sq_err.shape[0]
+        self.samples_seen += n_batch
         if cfg.renorm_every and self.step % cfg.renorm_every == 0:
             sae.normalize_decoder()
         n_resampled = 0
         if cfg.resample_every and self.step % cfg.resample_every == 0:
             dead = self.dead_mask
+            whole, sq_err = self.parallel.gather(slice_batch(batch, 0, n_rank), out.sq_err[:n_rank])
             n_resampled = resample_dead_atoms(
-                sae, self.optimizer, dead, batch, out.sq_err, self.generator,
-                cfg.resample_from, cfg.resample_encoder_scale,
+                sae, self.optimizer, dead, whole, sq_err, self.generator, cfg.resample_from, cfg.resample_encoder_scale,
             )  # fmt: skip
             self.steps_since_active[dead] = 0
 
         totals = _Totals(sae, self.input_scale)
-        totals.add(out)
+        totals.add(out, n_rank)
+        if self.world.distributed and self.step % cfg.log_every == 0:  # the same steps on every rank
+            totals.reduce(self.parallel)
         return {
             "step": self.step,
             "epoch": self.epoch,
             "samples": self.samples_seen,
             "lr": lr,
-            "loss": float(out.loss.detach()),
-            "aux": float(out.aux.detach()),
             **totals.metrics(),
-            "dead_fraction": float(self.dead_mask.float().mean()),
+            "dead_fraction": self.dead_mask.float().mean(),
             "resampled": n_resampled,
         }
 
-    def _diverged(self, what: str, lr: float) -> TrainingError:
+    def _note_divergence(self, loss: torch.Tensor) -> None:
+        """Record on the device the first step whose loss (code 0) or weights (code 1) are not finite."""
+        weights_ok = torch.stack([p.isfinite().all() for p in self.sae.parameters()]).all()
+        what = torch.where(loss.isfinite(), 1, 0)
+        bad = ~(loss.isfinite() & weights_ok)
+        first = (self._first_bad[0] == _NEVER) & bad
+        self._first_bad.copy_(torch.where(first, torch.stack([torch.full_like(what, self.step), what]), self._first_bad))
+
+    def _raise_if_diverged(self) -> None:
+        """Raise the divergence noted on the device (on every rank alike); a host sync, done when logging."""
+        step, what = (int(v) for v in self.parallel.min(self._first_bad.clone()).cpu())
+        if step != _NEVER:
+            lr = learning_rate(step, self.total_steps, self.cfg)
+            raise self._diverged("the loss became non-finite" if what == 0 else "the weights became non-finite", lr, step)
+
+    def _diverged(self, what: str, lr: float, step: int) -> TrainingError:
         kept = f" The last finite checkpoint stays in {self.out_dir / 'checkpoint'}." if self.out_dir else ""
         return TrainingError(
-            f"training diverged at step {self.step + 1} (epoch {self.epoch}): {what} at learning rate {lr:.3g}. "
+            f"training diverged at step {step + 1}: {what} at learning rate {lr:.3g}. "
             f"Train again with a lower learning rate, e.g. lr={self.cfg.lr / 10:.3g} (writesae train --lr "
             f"{self.cfg.lr / 10:.3g} --overwrite), or with input_scaling='unit_mean_square' if the data are far "
             f"from unit scale.{kept}"
@@ -394,10 +476,13 @@ class WriteSAETrainer:
         self.sae.eval()
         totals = _Totals(self.sae, self.input_scale)
         size = self.cfg.val_batch_size or self.cfg.batch_size
-        for batch in self.val_source.batches(0, size):
-            totals.add(self.sae.compute_loss(self._to_device(batch)))
+        for batch in self.parallel.rows(self.val_source, 0, size):
+            if batch_rows(batch):
+                totals.add(self.sae.compute_loss(self._to_device(batch)))
         self.sae.train()
-        metrics = {f"val_{k}": v for k, v in totals.metrics().items()}
+        totals.reduce(self.parallel)
+        kept = {k: v for k, v in totals.metrics().items() if k not in ("loss", "aux")}
+        metrics = {f"val_{k}": v for k, v in as_floats(kept).items()}
         metrics["val_dead_fraction"] = 1.0 - float(totals.fired.float().mean())
         self.last_val = metrics
         return metrics
@@ -420,23 +505,24 @@ class WriteSAETrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:
-            self._refuse_earlier_run()
+            on_main(self._refuse_earlier_run, self.world)
             self._prepare_inputs()
         cfg = self.cfg
         data_varies = self.step > 0  # checked over the first epoch of a fresh run
         with tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="WriteSAE") as bar:
+            self._bar = bar
             while self.step < self.total_steps:
                 n_batches = 0
-                for batch in self.train_source.batches(self.epoch, cfg.batch_size, self.batch_in_epoch):
+                for batch in self.parallel.rows(self.train_source, self.epoch, cfg.batch_size, self.batch_in_epoch):
                     n_batches += 1
                     data_varies = data_varies or _varies(batch)
                     metrics = self.train_step(batch)
                     self.batch_in_epoch += 1
+                    # The previous step's metrics are read now, while this step runs on the device.
+                    self._write_unlogged()
                     if self.step % cfg.log_every == 0:
-                        self._log({"type": "train", **metrics})
+                        self._unlogged = {"type": "train", **metrics}
                     bar.update(1)
-                    bar.set_postfix(mse=f"{metrics['mse']:.3g}", l0=f"{metrics['l0']:.1f}",
-                                    dead=f"{metrics['dead_fraction']:.2f}")  # fmt: skip
                     if self.step >= self.total_steps:
                         break
                     self._periodic()
@@ -445,6 +531,7 @@ class WriteSAETrainer:
                         raise TrainingError(
                             f"the training source yielded no batches in epoch {self.epoch}; is it empty?"
                         )
+                    data_varies = self._on_any_rank(data_varies)
                     if not data_varies:
                         raise _constant_data_error()
                     self.epoch += 1
@@ -453,15 +540,31 @@ class WriteSAETrainer:
                         self._validate_and_save()
                     continue
                 break
-        if not data_varies:
+            self._write_unlogged()
+        if not self._on_any_rank(data_varies):
             raise _constant_data_error()
         self._validate_and_save()
         # From here on the SAE acts on raw data (the last checkpoint keeps the scaled weights and c).
         self.sae.fold_activation_norm_scaling_factor(self.input_scale)
         self.input_scale = 1.0
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.world.is_main:
             self.sae.save_inference_model(self.out_dir / "final")
         return self.sae
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        return bool(self.parallel.any(torch.tensor([flag], device=self.sae.device)))
+
+    def _write_unlogged(self) -> None:
+        """Log the step held back for logging (its numbers are read here), and raise a divergence
+        noted since the last check."""
+        record, self._unlogged = self._unlogged, None
+        if record is None:
+            return
+        self._raise_if_diverged()
+        record = as_floats(record)
+        self._log(record)
+        if self._bar is not None:
+            self._bar.set_postfix(mse=f"{record['mse']:.3g}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
 
     def _refuse_earlier_run(self) -> None:
         """A fresh run never mixes its log and checkpoints with an earlier run's."""
@@ -483,6 +586,8 @@ class WriteSAETrainer:
             self.save_checkpoint(self.out_dir / "checkpoint")
 
     def _validate_and_save(self) -> None:
+        self._write_unlogged()  # the log stays in step order, and a diverged run saves nothing
+        self._raise_if_diverged()
         if self.val_source is not None:
             metrics = self.validate()
             self._log({"type": "val", "step": self.step, "epoch": self.epoch, **metrics})
@@ -490,7 +595,7 @@ class WriteSAETrainer:
                 self.best_val_mse = metrics["val_mse"]
                 self.best_val = {**metrics, "step": self.step}
                 self.best_state_dict = self._raw_state_dict()
-                if self.out_dir is not None:
+                if self.out_dir is not None and self.world.is_main:
                     cfg_dict = self.sae.cfg.get_inference_sae_cfg_dict()
                     cfg_dict["metadata"] = {**cfg_dict["metadata"], **metrics, "step": self.step}
                     save_sae_files(self.out_dir / "best", self.best_state_dict, cfg_dict)
@@ -515,23 +620,26 @@ class WriteSAETrainer:
             self._warn_if_far_from_unit_scale()
         if not (scale or mean):
             return
-        d_k, d_v = self.sae.cfg.d_k, self.sae.cfg.d_v
-        sq_norms, total, n = 0.0, torch.zeros(d_k, d_v, dtype=torch.float64), 0
-        for batch in self.train_source.batches(0, self.cfg.batch_size):
+        d_k, d_v, device = self.sae.cfg.d_k, self.sae.cfg.d_v, self.sae.device
+        # [squared norms, samples] and the sum of the samples, on the device; ranks add their shares.
+        sums, total = torch.zeros(2, dtype=torch.float64, device=device), torch.zeros(d_k, d_v, dtype=torch.float64, device=device)
+        seen = 0  # global batches' samples so far, counted alike on every rank (for mean_samples)
+        for batch in self.parallel.rows(self.train_source, 0, self.cfg.batch_size):
             if isinstance(batch, tuple):  # writes k u^T: ||k u^T||_F = ||k|| ||u||
-                keys, values = batch[0].double(), batch[1].double()
-                sq_norms += float((keys.norm(dim=-1) * values.norm(dim=-1)).pow(2).sum())
+                keys, values = (t.to(device, torch.float64, non_blocking=True) for t in batch)
+                sums += torch.stack([(keys.norm(dim=-1) * values.norm(dim=-1)).pow(2).sum(), sums.new_tensor(len(keys))])
                 if mean:
-                    total += (keys.T @ values).cpu()
-                n += keys.shape[0]
+                    total += keys.T @ values
             else:
-                states = batch.double().reshape(-1, d_k, d_v)
-                sq_norms += float(states.pow(2).sum())
+                states = batch.to(device, torch.float64, non_blocking=True).reshape(-1, d_k, d_v)
+                sums += torch.stack([states.pow(2).sum(), sums.new_tensor(len(states))])
                 if mean:
-                    total += states.sum(0).cpu()
-                n += states.shape[0]
-            if self.cfg.mean_samples is not None and n >= self.cfg.mean_samples:
+                    total += states.sum(0)
+            seen += self.cfg.batch_size
+            if self.cfg.mean_samples is not None and seen >= self.cfg.mean_samples:
                 break
+        sq_norms, n = (float(v) for v in self.parallel.sum(sums).cpu())
+        total = self.parallel.sum(total)
         if scale:
             if n == 0 or not sq_norms > 0:
                 raise ValueError("input_scaling='unit_mean_square' needs training data that are not all zero.")
@@ -558,7 +666,7 @@ class WriteSAETrainer:
     # ------------------------------------------------------------------ log
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.world.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / LOG_FILENAME, "a") as f:
@@ -566,7 +674,7 @@ class WriteSAETrainer:
 
     def _truncate_log(self) -> None:
         """Drop log lines past the resumed step (the interrupted run wrote them; they will be redone)."""
-        if self.out_dir is None or not (self.out_dir / LOG_FILENAME).exists():
+        if self.out_dir is None or not self.world.is_main or not (self.out_dir / LOG_FILENAME).exists():
             return
         path = self.out_dir / LOG_FILENAME
         kept = []
@@ -582,7 +690,12 @@ class WriteSAETrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Atomically write a resumable checkpoint (safetensors + JSON, no pickles)."""
+        """Atomically write a resumable checkpoint (safetensors + JSON, no pickles); only rank 0
+        writes (the ranks' states are equal). A run that diverged raises instead."""
+        self._write_unlogged()
+        self._raise_if_diverged()
+        if not self.world.is_main:
+            return Path(path)
         tensors: dict[str, torch.Tensor] = {
             "trainer.steps_since_active": self.steps_since_active.cpu(),
             "trainer.generator": self.generator.get_state(),

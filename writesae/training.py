@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from writesae.config import WriteTrainingSAEConfig
+from writesae.distributed import World
 from writesae.sae import WriteSAE
 from writesae.store import WriteStore
 from writesae.trainer import TrainerConfig, WriteSAETrainer
@@ -42,6 +43,7 @@ def train_on_store(
     trainer: TrainerConfig | None = None,
     seed: int = 42,
     resume_from: str | Path | None = None,
+    world: World | None = None,
     **sae_kwargs: Any,
 ) -> tuple[WriteSAE, dict[str, float]]:
     """Train a WriteSAE on a store cell and return it (best validation checkpoint) with its metrics.
@@ -55,6 +57,8 @@ def train_on_store(
         trainer: Trainer settings (default: the paper's; ``out_dir`` keeps logs and checkpoints).
         seed: Seed of the SAE's initialisation.
         resume_from: A trainer checkpoint directory to continue from.
+        world: Ranks that train this SAE together, data-parallel (see `WriteSAETrainer`); each
+            reads only its share of every batch from the store. Default: one process.
         **sae_kwargs: Further `WriteTrainingSAEConfig` fields (``variant``, ``rank``, ``sparsity``,
             ``device``...).
 
@@ -82,7 +86,8 @@ def train_on_store(
     trainer = trainer or TrainerConfig()
     pin = torch.device(cfg.device).type == "cuda"  # page-locked batches copy to the GPU asynchronously
     train = store.source(layer, head, "train", pin_memory=pin)
-    run = WriteSAETrainer(training_sae, train, trainer, val=store.source(layer, head, "val", shuffle=False, pin_memory=pin))
+    val = store.source(layer, head, "val", shuffle=False, pin_memory=pin)
+    run = WriteSAETrainer(training_sae, train, trainer, val=val, world=world)
     run.fit(resume_from=resume_from)
     if run.best_state_dict is not None:
         training_sae.load_state_dict(run.best_state_dict)

@@ -23,6 +23,7 @@ to score them (see ``factors.dense_scores_rank1``), so factor form saves them li
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -104,6 +105,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         pre, code, _, _, states, pair = self.encode_full(batch)
         c_out = self._output_offset()
         aux_code = self._aux_code(pre, dead_mask)
+        any_dead = None if aux_code is None else dead_mask.any()  # type: ignore[union-attr]
         if states is None:
             assert pair is not None
             key, value = pair
@@ -111,7 +113,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             if has_factor_decoder(self.cfg.variant) and gram_main:
                 sq_err, aux_err = self._factor_errors(key, value, code, c_out, aux_code)
                 sq_norm = key.pow(2).sum(-1) * value.pow(2).sum(-1)
-                return self._finish(sq_err, aux_err, sq_norm, key.T @ value, code, pre)
+                return self._finish(sq_err, aux_err, any_dead, sq_norm, key.T @ value, code, pre)
             states = key[:, :, None] * value[:, None, :]
         recon = self._decode_sparse(code.indices, code.values) + c_out
         residual = states - recon
@@ -120,12 +122,13 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         if aux_code is not None:
             aux_recon = self._decode_sparse(*aux_code)
             aux_err = (residual.detach() - aux_recon).pow(2).sum(dim=(1, 2))
-        return self._finish(sq_err, aux_err, states.pow(2).sum(dim=(1, 2)), states.sum(0), code, pre)
+        return self._finish(sq_err, aux_err, any_dead, states.pow(2).sum(dim=(1, 2)), states.sum(0), code, pre)
 
     def _finish(
         self,
         sq_err: Tensor,
         aux_err: Tensor | None,
+        any_dead: Tensor | None,
         sq_norm: Tensor,
         input_sum: Tensor,
         code: SparseCode,
@@ -133,7 +136,10 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     ) -> LossOutput:
         d_in = self.cfg.d_in
         mse = sq_err.mean() / d_in
-        aux = aux_err.mean() / d_in if aux_err is not None else mse.new_zeros(())
+        if aux_err is None or any_dead is None:
+            aux = mse.new_zeros(())
+        else:  # no dead atom: the AuxK slots all hold coefficient 0, and there is no AuxK loss
+            aux = torch.where(any_dead, aux_err.mean() / d_in, 0.0)
         loss = mse + self.cfg.aux_loss_coefficient * aux
         return LossOutput(
             loss, mse, aux, sq_err.detach(), sq_norm.detach(), input_sum.detach(), code, pre
@@ -148,14 +154,17 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     def _aux_code(
         self, pre: Float[Tensor, "B d_sae"], dead_mask: Bool[Tensor, " d_sae"] | None
     ) -> tuple[Int[Tensor, "B Ka"], Float[Tensor, "B Ka"]] | None:
-        """AuxK code: the top ``k_aux`` pre-activations among dead atoms, ReLU'd (paper / Gao et al.)."""
+        """AuxK code: the top ``k_aux`` pre-activations among dead atoms, ReLU'd (paper / Gao et al.).
+
+        Always ``min(k_aux, d_sae)`` slots, whatever the number of dead atoms, so that nothing here
+        waits for the device to count them: slots beyond the dead atoms hold live atoms at
+        ``-inf`` and get coefficient 0, which adds nothing to the AuxK reconstruction; with no dead
+        atom at all, `compute_loss` zeroes the AuxK loss.
+        """
         if dead_mask is None or self.cfg.k_aux == 0:
             return None
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0:
-            return None
         masked = pre.masked_fill(~dead_mask, float("-inf"))
-        values, indices = torch.topk(masked, min(self.cfg.k_aux, n_dead), dim=-1, sorted=False)
+        values, indices = torch.topk(masked, min(self.cfg.k_aux, self.cfg.d_sae), dim=-1, sorted=False)
         return indices, values.relu()
 
     def _decode_sparse(
@@ -215,11 +224,25 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         return sq_err, sq_err.detach() - 2 * (e * r_m).sum(-1) + aux_sq
 
     @torch.no_grad()
-    def update_topk_threshold(self, code: Float[Tensor, "B d_sae"], lr: float = 0.01) -> None:
-        """Track BatchTopK's inference threshold: EMA of the smallest positive code (SAELens' rule)."""
-        positive = code[code > 0]
-        if self.cfg.sparsity == "batchtopk" and positive.numel():
-            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min())
+    def update_topk_threshold(
+        self, code: Float[Tensor, "B d_sae"], lr: float = 0.01, reduce_min: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        """Track BatchTopK's inference threshold: EMA of the smallest positive code (SAELens' rule).
+
+        Args:
+            code: The batch's codes.
+            lr: EMA rate.
+            reduce_min: Makes the smallest positive code the whole batch's when ranks share a batch
+                (`writesae.data_parallel.DataParallel.min`).
+        """
+        if self.cfg.sparsity != "batchtopk":
+            return
+        smallest = code.masked_fill(code <= 0, float("inf")).amin() if code.numel() else code.new_tensor(float("inf"))
+        if reduce_min is not None:
+            smallest = reduce_min(smallest)
+        # No positive code anywhere leaves the threshold as it was (decided on the device, no sync).
+        self.topk_threshold.copy_(torch.where(smallest.isfinite(), self.topk_threshold * (1 - lr) + lr * smallest,
+                                              self.topk_threshold))  # fmt: skip
 
     # ------------------------------------------------------------------ SAELens training API
 
@@ -250,6 +273,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         residual = (step_input.sae_in - sae_out).detach().reshape(-1, self.cfg.d_k, self.cfg.d_v)
         aux_recon = self._decode_sparse(*aux_code)
         aux = (residual - aux_recon).pow(2).sum(dim=(1, 2)).mean()
+        aux = torch.where(step_input.dead_neuron_mask.any(), aux, 0.0)  # type: ignore[union-attr]
         return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * aux}
 
     @override

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from writesae.cli import common, options
 
@@ -30,30 +31,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=options.positive_int, default=None,
                    help="steps between checkpoints (default: after every epoch)")  # fmt: skip
     p.add_argument("--seed", type=int, default=42)
+    options.add_device_option(p)
     options.add_output_options(p, "training run")
+    p.epilog = ("Under torchrun (torchrun --nproc-per-node N $(which writesae) train ...) the processes train the "
+                "one SAE data-parallel: each takes its share of every --batch-size batch.")
+
+
+def _prepare(out_dir: Path, mode: str) -> tuple[Path, Path | None]:
+    """The run's folder and the checkpoint to resume from (None: start afresh)."""
+    from writesae.outputs import prepare_output_dir
+
+    out = prepare_output_dir(out_dir, mode, what="training run")
+    if mode != "resume":
+        return out, None
+    if (out / "checkpoint").is_dir():
+        print(f"resuming from {out / 'checkpoint'}")
+        return out, out / "checkpoint"
+    print(f"{out} has no checkpoint yet (the run stopped before its first one): starting it again")
+    return prepare_output_dir(out, "overwrite", what="training run"), None
 
 
 def run(args: argparse.Namespace) -> None:
-    from writesae.outputs import prepare_output_dir
+    from writesae.distributed import on_main, process_group, rank_device
     from writesae.trainer import TrainerConfig
     from writesae.training import train_on_store
 
-    mode = options.output_mode(args)
-    out = prepare_output_dir(args.out, mode, what="training run")
-    resume_from = None
-    if mode == "resume":
-        if (out / "checkpoint").is_dir():
-            resume_from = out / "checkpoint"
-            print(f"resuming from {resume_from}")
-        else:
-            print(f"{out} has no checkpoint yet (the run stopped before its first one): starting it again")
-            prepare_output_dir(out, "overwrite", what="training run")
-    lr_min = min(3e-5, args.lr)  # the paper's floor, or the peak when that is lower
-    trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=lr_min, seed=args.seed,
-                            out_dir=out, input_scaling=args.input_scaling, checkpoint_every=args.checkpoint_every)  # fmt: skip
-    sae, metrics = train_on_store(args.store, args.layer, args.head, d_sae=args.d_sae, k=args.k, seed=args.seed,
-                                  trainer=trainer, variant=args.variant, rank=args.rank, sparsity=args.sparsity,
-                                  resume_from=resume_from)  # fmt: skip
-    sae.save_model(out / "sae")
-    common.print_json("validation (best checkpoint)", metrics)
-    print(f"SAE written to {out / 'sae'} (load with sae_lens.SAE.load_from_disk after `import writesae`)")
+    with process_group(args.device) as world:
+        out, resume_from = on_main(lambda: _prepare(args.out, options.output_mode(args)), world)
+        lr_min = min(3e-5, args.lr)  # the paper's floor, or the peak when that is lower
+        trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=lr_min, seed=args.seed,
+                                out_dir=out, input_scaling=args.input_scaling, checkpoint_every=args.checkpoint_every,
+                                progress=world.is_main)  # fmt: skip
+        sae, metrics = train_on_store(args.store, args.layer, args.head, d_sae=args.d_sae, k=args.k, seed=args.seed,
+                                      trainer=trainer, variant=args.variant, rank=args.rank, sparsity=args.sparsity,
+                                      resume_from=resume_from, world=world,
+                                      device=str(rank_device(args.device, world)))  # fmt: skip
+    if world.is_main:
+        sae.save_model(out / "sae")
+        common.print_json("validation (best checkpoint)", metrics)
+        print(f"SAE written to {out / 'sae'} (load with sae_lens.SAE.load_from_disk after `import writesae`)")
