@@ -7,6 +7,7 @@ Examples::
     writesae collect Qwen/Qwen3.5-0.8B --layer 9 --heads 4 --tokens hf:Skylion007/openwebtext \\
         --sequences 5000 --seq-len 1024 --out stores/L9H4 --device cuda --dtype bfloat16
     writesae train stores/L9H4 --layer 9 --head 4 --d-sae 2048 --k 32 --epochs 20 --out saes/L9H4
+    writesae sweep grid.yaml --out runs/sweep       # a grid of trainings; under torchrun, spread over GPUs
     writesae substitution Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/subst
     writesae logit-shift Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/logit
     writesae install Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/install
@@ -35,6 +36,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS = (
     "collect",
     "train",
+    "sweep",
     "substitution",
     "logit_shift",
     "install",
