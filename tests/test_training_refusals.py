@@ -13,7 +13,9 @@ from helpers import random_tokens, tiny_pair
 from writesae import CheckpointError, FactorSource, TensorSource, TrainerConfig, WriteSAE, WriteSAETrainer, WriteTrainingSAE
 from writesae.config import WriteTrainingSAEConfig
 from writesae.outputs import OutputExistsError
+from writesae.shards import CellRows
 from writesae.store import collect
+from writesae.streaming import StoreSource
 from writesae.trainer import TrainingError
 from writesae.training import train_on_store
 
@@ -47,10 +49,9 @@ def test_non_finite_data_is_refused_naming_where(store, tmp_path):
     tensors["values"][3, 0] = float("inf")
     broken = tmp_path / "shard_00000.safetensors"
     save_file(tensors, broken)
-    source = store.source(0, 1)
-    source.shards = [broken]
+    source = StoreSource(CellRows([broken]), kind="write")
     with pytest.raises(ValueError, match=f"store shard {broken}: row 3 \\(sequence \\d+, position \\d+\\) of 'values'"):
-        next(source.batches(0, 8))
+        list(source.batches(0, 8))  # refused when the row is read
 
 
 def test_divergence_names_the_step_and_a_learning_rate_and_writes_no_nan(tmp_path):

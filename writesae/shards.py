@@ -187,6 +187,23 @@ class CellRows:
         for begin, end in zip(bounds[:-1], bounds[1:]):
             shard, rows = int(shard_of[begin]), local[begin:end]
             for name in names:
-                out[name].index_copy_(0, order[begin:end], self._views[shard][name].index_select(0, rows))
+                chunk = self._views[shard][name].index_select(0, rows)
+                self._check_finite(shard, name, chunk, rows)
+                out[name].index_copy_(0, order[begin:end], chunk)
             self.shards[shard].release_rows(int(rows[0]), int(rows[-1]) + 1)
         return out
+
+    def _check_finite(self, shard: int, name: str, chunk: Tensor, rows: Tensor) -> None:
+        """Refuse NaN or inf read from a shard, naming the shard, the row and its token."""
+        if not chunk.is_floating_point():
+            return
+        finite = torch.isfinite(chunk).reshape(len(chunk), -1).all(1)
+        if bool(finite.all()):
+            return
+        row = int(rows[int((~finite).nonzero()[0])])
+        views = self._views[shard]
+        where = f" (sequence {int(views['sequence'][row])}, position {int(views['position'][row])})" if "sequence" in views else ""
+        raise ValueError(
+            f"store shard {self.shards[shard].path}: row {row}{where} of {name!r} holds NaN or inf. The store is "
+            "damaged or was collected from a broken model; collect it again."
+        )
