@@ -47,8 +47,8 @@ class _Loss(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, batch: Batch, dead_mask: Tensor | None) -> LossOutput:
-        return self.sae.compute_loss(batch, dead_mask)
+    def forward(self, batch: Batch, dead_mask: Tensor | None, aux_slots: int | None) -> LossOutput:
+        return self.sae.compute_loss(batch, dead_mask, aux_slots)
 
 
 class DataParallel:
@@ -88,9 +88,10 @@ class DataParallel:
             for batch in source.batches(epoch, batch_size, start):
                 yield slice_batch(batch, *rank_range(batch_rows(batch), world.rank, world.world_size))
 
-    def loss(self, batch: Batch, dead_mask: Tensor | None) -> LossOutput:
-        """The loss of this rank's rows (through DistributedDataParallel, whose backward averages gradients)."""
-        return self._loss(batch, dead_mask)
+    def loss(self, batch: Batch, dead_mask: Tensor | None, aux_slots: int | None = None) -> LossOutput:
+        """The loss of this rank's rows (through DistributedDataParallel, whose backward averages
+        gradients); arguments as `WriteTrainingSAE.compute_loss`'s."""
+        return self._loss(batch, dead_mask, aux_slots)
 
     def loss_weight(self, n_rank: int, n_batch: int) -> float:
         """The factor on this rank's mean loss that makes the averaged gradient the global batch's mean."""

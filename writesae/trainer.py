@@ -52,6 +52,7 @@ from hooked_recurrent.files import atomic_write_text
 
 from writesae.data import Batch, WriteSource, as_source, batch_rows, slice_batch
 from writesae.data_parallel import DataParallel
+from writesae.dead_atoms import DeadAtomBound
 from writesae.distributed import World, on_main, rank_range
 from writesae.io import (
     CHECKPOINT_ARCHITECTURE,
@@ -320,10 +321,11 @@ class WriteSAETrainer:
         self.input_scale = 1.0
         self.last_val: dict[str, float] | None = None
         self.total_steps = self._total_steps()
-        # Divergence is noted on the device (the first bad step, and what went bad) and read when a
-        # step is logged or a checkpoint saved, so that no step waits for the device to answer.
-        self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=sae.device)
+        # Divergence is noted on the device (the first bad step, its epoch, what went bad) and read
+        # when a step is logged or a checkpoint saved, so that no step waits for the device to answer.
+        self._first_bad = torch.full((3,), _NEVER, dtype=torch.long, device=sae.device)
         self._unlogged: dict[str, Any] | None = None  # the last logged step's metrics, read one step later
+        self._dead_bound = DeadAtomBound(self.cfg.dead_steps, sae.cfg.d_sae)
         self._bar: Any = None
 
     # ------------------------------------------------------------------ schedule
@@ -400,8 +402,9 @@ class WriteSAETrainer:
         lr = learning_rate(self.step, self.total_steps, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # No atom can be dead before dead_steps steps: AuxK is skipped without asking the device.
-        out = self.parallel.loss(batch, self.dead_mask if self.step >= cfg.dead_steps else None)
+        # AuxK's size from a bound known on the host (no wait for the device); 0 skips AuxK.
+        slots = self._dead_bound.slots(self.steps_since_active, self.step)
+        out = self.parallel.loss(batch, self.dead_mask if slots else None, slots)
         self.optimizer.zero_grad(set_to_none=True)
         weight = self.parallel.loss_weight(n_rank, n_batch)
         (out.loss * weight if weight != 1.0 else out.loss).backward()
@@ -446,21 +449,22 @@ class WriteSAETrainer:
         """Record on the device the first step whose loss (code 0) or weights (code 1) are not finite."""
         weights_ok = torch.stack([p.isfinite().all() for p in self.sae.parameters()]).all()
         what = torch.where(loss.isfinite(), 1, 0)
-        bad = ~(loss.isfinite() & weights_ok)
-        first = (self._first_bad[0] == _NEVER) & bad
-        self._first_bad.copy_(torch.where(first, torch.stack([torch.full_like(what, self.step), what]), self._first_bad))
+        noted = torch.stack([torch.full_like(what, self.step), torch.full_like(what, self.epoch), what])
+        first = (self._first_bad[0] == _NEVER) & ~(loss.isfinite() & weights_ok)
+        self._first_bad.copy_(torch.where(first, noted, self._first_bad))
 
     def _raise_if_diverged(self) -> None:
         """Raise the divergence noted on the device (on every rank alike); a host sync, done when logging."""
-        step, what = (int(v) for v in self.parallel.min(self._first_bad.clone()).cpu())
+        step, epoch, what = (int(v) for v in self.parallel.min(self._first_bad.clone()).cpu())
         if step != _NEVER:
             lr = learning_rate(step, self.total_steps, self.cfg)
-            raise self._diverged("the loss became non-finite" if what == 0 else "the weights became non-finite", lr, step)
+            what = "the loss became non-finite" if what == 0 else "the weights became non-finite"
+            raise self._diverged(what, lr, step, epoch)
 
-    def _diverged(self, what: str, lr: float, step: int) -> TrainingError:
+    def _diverged(self, what: str, lr: float, step: int, epoch: int) -> TrainingError:
         kept = f" The last finite checkpoint stays in {self.out_dir / 'checkpoint'}." if self.out_dir else ""
         return TrainingError(
-            f"training diverged at step {step + 1}: {what} at learning rate {lr:.3g}. "
+            f"training diverged at step {step + 1} (epoch {epoch}): {what} at learning rate {lr:.3g}. "
             f"Train again with a lower learning rate, e.g. lr={self.cfg.lr / 10:.3g} (writesae train --lr "
             f"{self.cfg.lr / 10:.3g} --overwrite), or with input_scaling='unit_mean_square' if the data are far "
             f"from unit scale.{kept}"

@@ -91,7 +91,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     # ------------------------------------------------------------------ losses
 
     def compute_loss(
-        self, batch: Batch, dead_mask: Bool[Tensor, " d_sae"] | None = None
+        self, batch: Batch, dead_mask: Bool[Tensor, " d_sae"] | None = None, aux_slots: int | None = None
     ) -> LossOutput:
         """Reconstruction (+ AuxK) loss of a batch of dense states or factor-form writes.
 
@@ -101,10 +101,12 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         Args:
             batch: ``[B, d_k, d_v]`` or ``[B, d_in]`` states, or ``(key [B, d_k], value [B, d_v])``.
             dead_mask: Atoms currently counted as dead; ``None`` or all-false skips AuxK.
+            aux_slots: At least the number of dead atoms, known without asking the device (see
+                `writesae.dead_atoms`); ``None`` counts them (the host waits for the device).
         """
         pre, code, _, _, states, pair = self.encode_full(batch)
         c_out = self._output_offset()
-        aux_code = self._aux_code(pre, dead_mask)
+        aux_code = self._aux_code(pre, dead_mask, aux_slots)
         any_dead = None if aux_code is None else dead_mask.any()  # type: ignore[union-attr]
         if states is None:
             assert pair is not None
@@ -152,19 +154,21 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         return F.gram_is_cheaper(n_atoms, cfg.rank, cfg.d_k, cfg.d_v)
 
     def _aux_code(
-        self, pre: Float[Tensor, "B d_sae"], dead_mask: Bool[Tensor, " d_sae"] | None
+        self, pre: Float[Tensor, "B d_sae"], dead_mask: Bool[Tensor, " d_sae"] | None, aux_slots: int | None = None
     ) -> tuple[Int[Tensor, "B Ka"], Float[Tensor, "B Ka"]] | None:
         """AuxK code: the top ``k_aux`` pre-activations among dead atoms, ReLU'd (paper / Gao et al.).
 
-        Always ``min(k_aux, d_sae)`` slots, whatever the number of dead atoms, so that nothing here
-        waits for the device to count them: slots beyond the dead atoms hold live atoms at
-        ``-inf`` and get coefficient 0, which adds nothing to the AuxK reconstruction; with no dead
-        atom at all, `compute_loss` zeroes the AuxK loss.
+        ``min(k_aux, aux_slots)`` slots; when ``aux_slots`` exceeds the dead atoms, the extra slots
+        hold live atoms at ``-inf`` and get coefficient 0, which adds nothing to the AuxK
+        reconstruction (and with no dead atom at all, `compute_loss` zeroes the AuxK loss).
         """
         if dead_mask is None or self.cfg.k_aux == 0:
             return None
+        slots = min(self.cfg.k_aux, int(dead_mask.sum()) if aux_slots is None else aux_slots)
+        if slots == 0:
+            return None
         masked = pre.masked_fill(~dead_mask, float("-inf"))
-        values, indices = torch.topk(masked, min(self.cfg.k_aux, self.cfg.d_sae), dim=-1, sorted=False)
+        values, indices = torch.topk(masked, slots, dim=-1, sorted=False)
         return indices, values.relu()
 
     def _decode_sparse(
