@@ -15,7 +15,7 @@ from helpers import tiny_pair
 from writesae.distributed import World, on_main, rank_device, rank_range
 from writesae.store import WriteStore, collect
 from writesae.sweep import SweepGrid, train_cell
-from writesae.sweep.runner import _store_digest
+from writesae.sweep.runner import store_digest
 from writesae.trainer import TrainerConfig
 from writesae.training import train_on_store
 
@@ -109,7 +109,7 @@ def test_sweep_on_two_ranks_equals_its_cells_trained_one_by_one(launched, tmp_pa
     grid = SweepGrid.from_dict(launched["sweep"]["grid"])
     out = Path(launched["sweep"]["out"])
     store = WriteStore(grid.store)
-    cells = grid.cells(_store_digest(store))
+    cells = grid.cells(store_digest(store))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["cell"] for r in rows] == [c.id for c in cells]  # one table, in grid order
     assert {r["rank"] for r in rows} == {0, 1}  # the cells were spread over both ranks

@@ -25,9 +25,10 @@ in `SAE_KEYS` and any `TrainerConfig` field in `TRAINER_KEYS`. Settings left out
 defaults of ``writesae train``. A relative ``store`` path is relative to the current directory,
 like every path given to ``writesae``.
 
-A cell's identity (`SweepCell.id`) is a readable name plus a hash of all its settings and of the
-store's manifest: the same cell in a later run of a grown grid is recognised as finished, and a
-changed setting or store makes a new cell instead of reusing a stale one.
+A cell's identity (`SweepCell.digest`) is a hash of all its settings (defaults filled in) and of
+the store's manifest; its folder (`SweepCell.id`) adds a readable name. The same cell in a later
+run of a grown grid is recognised as finished, whatever the grid now calls it, and a changed
+setting or store makes a new cell instead of reusing a stale one.
 
 Example:
     >>> grid = SweepGrid.from_dict({"store": "s", "grid": {"head": [0, 1], "k": [4, 8]}, "fixed": {"layer": 2}})
@@ -56,9 +57,23 @@ TRAINER_KEYS = ("batch_size", "epochs", "max_samples", "lr", "lr_min", "warmup_s
                 "renorm_every", "val_every", "val_batch_size", "checkpoint_every", "log_every",
                 "estimate_input_mean", "mean_samples", "input_scaling")  # fmt: skip
 _ALL_KEYS = CELL_KEYS + SAE_KEYS + TRAINER_KEYS
-# `writesae train`'s defaults for the settings every results table shows.
-_DEFAULTS = {"seed": 42, "d_sae": 2048, "k": 32, "variant": "bilinear", "input_scaling": "none"}
+# Settings every results table shows (after layer, head and the grid's keys).
+_SHOWN = ("seed", "d_sae", "k", "variant", "input_scaling")
 _SHORT = {"layer": "L", "head": "H", "d_sae": "d", "k": "k", "seed": "s", "rank": "r"}
+
+
+def _defaults() -> dict[str, Any]:
+    """What a setting left out of a grid is: `writesae train`'s defaults (its seed and d_sae), then
+    the config classes' own."""
+    from writesae.config import WriteTrainingSAEConfig
+    from writesae.trainer import TrainerConfig
+
+    values = {"seed": 42, "d_sae": 2048}
+    for cls, keys in ((WriteTrainingSAEConfig, SAE_KEYS), (TrainerConfig, TRAINER_KEYS)):
+        for f in fields(cls):
+            if f.name in keys and f.name not in values:
+                values[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return values
 
 
 def _bad(path: str, message: str) -> ValueError:
@@ -91,7 +106,8 @@ class SweepCell:
     """One cell: the full settings of one training run.
 
     Attributes:
-        settings: ``layer``, ``head``, ``seed`` and every SAE and trainer setting given.
+        settings: ``layer``, ``head`` and every setting a sweep can make, those the grid leaves
+            out at their defaults (so that writing a default out does not change the cell).
         varied: The grid keys, in grid order (they name the cell and make the table's columns).
         store_digest: Hash of the store's manifest (part of the identity).
     """
@@ -110,7 +126,7 @@ class SweepCell:
 
     @property
     def seed(self) -> int:
-        return self.settings.get("seed", _DEFAULTS["seed"])
+        return self.settings["seed"]
 
     @property
     def name(self) -> str:
@@ -122,10 +138,15 @@ class SweepCell:
         return "_".join(parts).replace("/", "-")
 
     @property
-    def id(self) -> str:
-        """``name`` plus a hash of every setting and of the store: the cell's folder name."""
+    def digest(self) -> str:
+        """A hash of every setting and of the store: what makes two cells the same cell."""
         blob = json.dumps({"settings": self.settings, "store": self.store_digest}, sort_keys=True)
-        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    @property
+    def id(self) -> str:
+        """``name-digest``: the folder a new cell is trained in (a grown grid may name an old cell otherwise)."""
+        return f"{self.name}-{self.digest}"
 
     def sae_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.settings.items() if k in SAE_KEYS}
@@ -137,10 +158,10 @@ class SweepCell:
         return values
 
     def row(self) -> dict[str, Any]:
-        """The cell's settings as shown in the results table: layer, head, the grid keys, then the defaults."""
+        """The cell's settings as the results table shows them: layer, head, the grid keys, then a few more."""
         shown = ["layer", "head", *[k for k in self.varied if k not in ("layer", "head")]]
-        shown += [k for k in _DEFAULTS if k not in shown]
-        return {"cell": self.id, **{k: self.settings.get(k, _DEFAULTS.get(k)) for k in shown}}
+        shown += [k for k in _SHOWN if k not in shown]
+        return {"cell": self.id, **{k: self.settings[k] for k in shown}}
 
 
 @dataclass(frozen=True)
@@ -198,11 +219,25 @@ class SweepGrid:
 
     def cells(self, store_digest: str = "") -> list[SweepCell]:
         """Every combination of the grid's values, in grid order (the last key varies fastest)."""
-        keys = list(self.grid)
+        keys, defaults = list(self.grid), _defaults()
         return [
-            SweepCell({**self.fixed, **dict(zip(keys, combo))}, tuple(keys), store_digest)
+            SweepCell({**defaults, **self.fixed, **dict(zip(keys, combo))}, tuple(keys), store_digest)
             for combo in itertools.product(*(self.grid[k] for k in keys))
         ]
+
+
+def _loader() -> type:
+    """PyYAML's safe loader, reading ``3e-4`` as a number (YAML 1.1 reads it as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    return Loader
 
 
 def load_grid(path: str | os.PathLike) -> SweepGrid:
@@ -215,7 +250,7 @@ def load_grid(path: str | os.PathLike) -> SweepGrid:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_loader())
         except yaml.YAMLError as err:
             raise _bad(str(path), f"not valid YAML: {err}") from None
     elif path.suffix == ".json":

@@ -45,7 +45,7 @@ from writesae.store import WriteStore
 from writesae.sweep.grid import SubstitutionSettings, SweepCell, SweepGrid
 from writesae.sweep.results import write_results
 
-__all__ = ["run_sweep", "train_cell", "SweepResult", "RESULT_FILE"]
+__all__ = ["run_sweep", "train_cell", "store_digest", "SweepResult", "RESULT_FILE"]
 
 RESULT_FILE = "result.json"
 METRICS = ("val_mse", "val_nmse", "val_explained_variance", "val_dead_fraction", "val_l0", "best_val_mse")
@@ -64,7 +64,8 @@ class SweepResult:
     out_dir: Path
 
 
-def _store_digest(store: WriteStore) -> str:
+def store_digest(store: WriteStore) -> str:
+    """A hash of the store's manifest: part of every cell's identity (`writesae.sweep.SweepCell.digest`)."""
     return hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,10 +80,9 @@ def _check_cells(cells: list[SweepCell], store: WriteStore, source: str) -> None
             have = ", ".join(store.manifest["cells"])
             raise ValueError(f"sweep grid {source}: cell {cell.name} needs layer {cell.layer} head {cell.head}, "
                              f"which store {store.path} does not hold (it has {have}); collect them first")
-        kwargs = {"d_sae": 2048, "k": 32, **cell.sae_kwargs()}
         try:
             TrainerConfig(**cell.trainer_kwargs())
-            WriteTrainingSAEConfig.build(d_k=d_k, d_v=d_v, **kwargs)
+            WriteTrainingSAEConfig.build(d_k=d_k, d_v=d_v, **cell.sae_kwargs())
         except (TypeError, ValueError) as err:
             raise ValueError(f"sweep grid {source}: cell {cell.name}: {err}") from None
 
@@ -136,7 +136,7 @@ def train_cell(
     sae, metrics = train_on_store(store, cell.layer, cell.head, trainer=trainer, seed=cell.seed, resume_from=resume,
                                   device=str(device), **cell.sae_kwargs())  # fmt: skip
     sae.save_model(directory / "sae")
-    row = {**cell.row(), **{m: metrics.get(m) for m in METRICS}}
+    row = {**cell.row(), "cell": directory.name, **{m: metrics.get(m) for m in METRICS}}
     if substitution is not None:
         row.update(substitution.win_rate(sae, directory / "substitution"))
     row.update(seconds=round(time.time() - start, 2), resumed=resume is not None, rank=rank, device=str(device))
@@ -174,19 +174,25 @@ def run_sweep(
             "call it inside `with writesae.distributed.process_group(device):`"
         )
     store = WriteStore(grid.store)
-    cells = grid.cells(_store_digest(store))
+    cells = grid.cells(store_digest(store))
     _check_cells(cells, store, grid.source)
     out = on_main(lambda: _prepare(out_dir, mode, grid), world)
-    left = on_main(lambda: {c.id for c in cells if not (out / "cells" / c.id / RESULT_FILE).is_file()}, world)
-    mine = [c for c in cells if c.id in left][world.rank :: world.world_size]
+    folders = on_main(lambda: {c.id: _cell_dir(out, c) for c in cells}, world)
+    mine = [c for c in cells if not (folders[c.id] / RESULT_FILE).is_file()][world.rank :: world.world_size]
     target = rank_device(device, world)
     substitution = SubstitutionTest(grid.substitution, store.model_name, target) if grid.substitution else None
     desc = f"sweep (rank {world.rank})" if world.distributed else "sweep"
     for cell in tqdm(mine, desc=desc, unit="cell", disable=not verbose):
-        train_cell(cell, store, out / "cells" / cell.id, target, substitution, world.rank)
+        train_cell(cell, store, folders[cell.id], target, substitution, world.rank)
     barrier(world)
-    rows = on_main(lambda: write_results(out, grid, [_read_row(out, c) for c in cells]), world)
+    rows = on_main(lambda: write_results(out, grid, [_read_row(folders[c.id]) for c in cells]), world)
     return SweepResult(rows, out)
+
+
+def _cell_dir(out: Path, cell: SweepCell) -> Path:
+    """The cell's folder: an earlier run's folder of the same cell (same digest), or a new one."""
+    earlier = sorted((out / "cells").glob(f"*-{cell.digest}"))
+    return earlier[0] if earlier else out / "cells" / cell.id
 
 
 def _prepare(out_dir: str | os.PathLike, mode: str, grid: SweepGrid) -> Path:
@@ -197,8 +203,8 @@ def _prepare(out_dir: str | os.PathLike, mode: str, grid: SweepGrid) -> Path:
     return out
 
 
-def _read_row(out: Path, cell: SweepCell) -> dict[str, Any]:
-    path = out / "cells" / cell.id / RESULT_FILE
+def _read_row(directory: Path) -> dict[str, Any]:
+    path = directory / RESULT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"cell {cell.id} has no {RESULT_FILE} after the sweep; did a rank fail? Rerun with --resume")
+        raise FileNotFoundError(f"cell {directory.name} has no {RESULT_FILE} after the sweep; did a rank fail? Rerun with --resume")
     return json.loads(path.read_text())
