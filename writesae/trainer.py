@@ -29,6 +29,15 @@ batch and row; a store names its shard), a loss or weights turning non-finite (n
 a lower learning rate; no non-finite weight is ever written), an empty source, or data whose
 samples are all equal. Training runs with gradients on whatever the caller's grad mode.
 
+Data-parallel: given a ``world`` of several ranks (processes started by ``torchrun``), every rank
+trains the same SAE on its share of every batch, ending where one process with the same global batch
+would, up to float rounding (`writesae.data_parallel`); only rank 0 writes files.
+
+The step never waits for the device (a GPU stays busy): metrics stay on the device and are read one
+step later, when logged; divergence is noted on the device and raised at the next log line or
+checkpoint, before anything non-finite is saved; the AuxK size comes from a bound on the dead atoms
+known on the host (`writesae.dead_atoms`).
+
 Determinism: the trainer draws random numbers only from its own generator (seeded by ``seed``, saved in
 checkpoints), never from torch's global one, and the data order is a function of the epoch (see
 ``writesae.data``). Resuming from a checkpoint therefore reproduces the uninterrupted run's weights
