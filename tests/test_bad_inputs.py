@@ -157,7 +157,7 @@ CASES = [
     ("collect-skip-everything", lambda tmp: collect_into(tmp, skip_first=12), V, r"skip_first=12 skips every position"),
     ("collect-attention-layer", lambda tmp: collect_into(tmp, layers=[3]), V, r"layer 3 is not matrix-recurrent; recurrent layers: \[0, 1, 2\]"),
     ("collect-head-out-of-range", lambda tmp: collect_into(tmp, heads=[4]), V, r"head 4 is out of range.*0\.\.3"),
-    ("collect-no-validation-split", lambda tmp: collect(model(), random_tokens(1, 12), layers=[0], out_dir=tmp / "s", verbose=False), V, r"split holds no sequence"),
+    ("collect-empty-split", lambda tmp: collect(model(), random_tokens(1, 12), layers=[0], out_dir=tmp / "s", verbose=False), V, r"split would hold no sequence \(1 sequence\(s\), val_fraction=0\.2\)"),
     # training
     ("train-nan-data", lambda tmp: fit(nan_states()), V, r"training batch 1 of epoch 0: row 4 of the states holds NaN"),
     ("train-constant-data", lambda tmp: fit(torch.zeros(32, 6, 5)), TrainingError, r"every training sample is the same"),

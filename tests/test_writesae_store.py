@@ -176,7 +176,7 @@ def test_collect_refuses_arguments_that_give_an_empty_or_wrong_store(model, tmp_
         (dict(layers=[]), "layers=\\[\\]"),
         (dict(heads=[0, 0]), "repeats"),
         (dict(tokens=tokens[:, :0]), "shape \\(4, 0\\)"),
-        (dict(tokens=tokens[:1]), "the (train|val) split holds no sequence"),
+        (dict(tokens=tokens[:1]), "the (train|val) split would hold no sequence"),
     ]
     for overrides, message in cases:
         args = dict(tokens=tokens, layers=[layer], heads=[0], out_dir=tmp_path / "x", verbose=False, mode="overwrite")

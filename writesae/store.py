@@ -151,7 +151,7 @@ def collect(
     layers = [layers] if isinstance(layers, int) else list(layers)
     heads = list(range(cfg.n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
     settings = _check_collect_args(cfg, tokens, layers, heads, kind, positions_per_sequence, skip_first, batch_size,
-                                   shard_size, val_fraction, dtype, checkpoint_every)  # fmt: skip
+                                   shard_size, val_fraction, seed, dtype, checkpoint_every)  # fmt: skip
     world = _collect_world(world, tokens)
     settings.update(kind=kind, positions_per_sequence=positions_per_sequence, skip_first=skip_first,
                     batch_size=batch_size, shard_size=shard_size, val_fraction=val_fraction, seed=seed, center=center,
@@ -325,7 +325,8 @@ def _write_manifest(out: Path, cfg: Any, settings: dict[str, Any], shares: list[
 
 def _check_collect_args(
     cfg: Any, tokens: Any, layers: list[int], heads: list[int], kind: str, positions_per_sequence: int | None,
-    skip_first: int, batch_size: int, shard_size: int, val_fraction: float, dtype: torch.dtype, checkpoint_every: int,
+    skip_first: int, batch_size: int, shard_size: int, val_fraction: float, seed: int, dtype: torch.dtype,
+    checkpoint_every: int,
 ) -> dict[str, Any]:
     """Refuse arguments that would give an empty, wrong or unreadable store; returns the settings
     a resumed collection must share."""
@@ -364,6 +365,13 @@ def _check_collect_args(
             raise ValueError(
                 f"skip_first={skip_first} skips every position of sequences of {tokens.shape[1]} tokens; "
                 f"give skip_first < {tokens.shape[1]}"
+            )
+        n_val = int(_is_validation(torch.arange(tokens.shape[0]), val_fraction, seed).sum())
+        if n_val in (0, tokens.shape[0]):
+            split = "val" if n_val == 0 else "train"
+            raise ValueError(
+                f"the {split} split would hold no sequence ({tokens.shape[0]} sequence(s), val_fraction={val_fraction}); "
+                "collect more sequences or change val_fraction"
             )
     return {"layers": layers, "heads": heads, "dtype": str(dtype).removeprefix("torch."),
             "n_sequences": tokens.shape[0] if isinstance(tokens, Tensor) else None}  # fmt: skip
