@@ -185,6 +185,7 @@ CASES = [
     ("cli-n-atoms-0", lambda tmp: cli("logit-shift", "tiny-random:qwen3.5", "--n-atoms", "0", "--sae", "x", "--out", "x"), S, r"--n-atoms: 0"),
     ("cli-sae-not-a-folder", lambda tmp: cli("logit-shift", "tiny-random:qwen3.5", "--sae", str(tmp / "none"), "--out", "x"), S, r"--sae: .*not a directory"),
     ("cli-new-tokens-negative", lambda tmp: cli("install", "tiny-random:qwen3.5", "--layer", "0", "--head", "0", "--new-tokens", "-1", "--out", "x"), S, r"--new-tokens: -1"),
+    ("cli-sweep-grid-missing", lambda tmp: cli("sweep", str(tmp / "grid.yaml"), "--out", "x"), S, r"argument grid: .*grid\.yaml: no such file"),
     ("cli-threads-negative", lambda tmp: cli("demo", "--threads", "-2"), S, r"--threads: -2 is negative"),
 ]  # fmt: skip
 

@@ -37,6 +37,7 @@ __all__ = [
     "device",
     "model_name",
     "token_source",
+    "existing_file",
     "store_dir",
     "sae_dir",
     "output_mode",
@@ -114,6 +115,14 @@ def token_source(text: str) -> str:
     raise argparse.ArgumentTypeError(
         f"{text!r} is neither stdlib, random, hf:DATASET nor an existing file or folder of text"
     )
+
+
+def existing_file(text: str) -> Path:
+    """A file that exists (a grid, a config)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a folder' if path.is_dir() else 'no such file'}; give the path of a file")
+    return path
 
 
 def store_dir(text: str) -> Path:
