@@ -41,6 +41,7 @@ COMMANDS = (
     "logit_shift",
     "install",
     "demo",
+    "dashboard",
 )
 
 

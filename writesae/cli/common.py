@@ -45,11 +45,12 @@ def protocol_config(cls: type, args: argparse.Namespace) -> Any:
     return cls(**values)
 
 
-def protocol_out_dir(args: argparse.Namespace, what: str) -> Any:
+def protocol_out_dir(args: argparse.Namespace, what: str, finished: str = "summary.json") -> Any:
     """Prepare ``--out`` for a protocol run; None when ``--resume`` finds the run already finished.
 
     The protocols keep no partial results yet: a resumed run that had not finished starts again
-    (and says so); a finished one is reported from its ``summary.json`` without recomputing.
+    (and says so); a finished one is reported from its ``finished`` file (``summary.json``) without
+    recomputing.
     """
     from writesae.cli.options import output_mode
     from writesae.outputs import prepare_output_dir
@@ -57,9 +58,9 @@ def protocol_out_dir(args: argparse.Namespace, what: str) -> Any:
     mode = output_mode(args)
     out = prepare_output_dir(args.out, mode, what=what)
     if mode == "resume":
-        summary = out / "summary.json"
+        summary = out / finished
         if summary.is_file():
-            print(f"{out} holds a finished {what}; nothing to resume. Its summary is {summary}")
+            print(f"{out} holds a finished {what}; nothing to resume. Its result is {summary}")
             return None
         print(f"{out} holds an unfinished {what}; the {what} keeps no partial results, so it starts again")
         out = prepare_output_dir(out, "overwrite", what=what)

@@ -98,5 +98,5 @@ def encode_trace(sae: Any, trace: CellTrace, kind: str) -> Float[Tensor, "batch 
     if kind == "state":
         if trace.states is None:
             raise ValueError("this SAE reads states: trace the cell with with_states=True")
-        return sae.encode(trace.states.to(sae.dtype))
-    return sae.encode((trace.key.to(sae.dtype), trace.value.to(sae.dtype)))
+        return sae.encode(trace.states.to(sae.device, sae.dtype))
+    return sae.encode((trace.key.to(sae.device, sae.dtype), trace.value.to(sae.device, sae.dtype)))
