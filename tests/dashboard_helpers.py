@@ -30,6 +30,6 @@ def small_dashboard():
         sae.b_enc[5] = 0.05
     tokens = token_blocks(model, "stdlib", split="val", n_sequences=6, seq_len=48, seed=1)
     out = Path(tempfile.mkdtemp(prefix="wsd-")) / "dashboard"
-    config = DashboardConfig(contexts=4, queries=3, before=6, after=2, max_horizon=16, batch_size=4, linear_response=False)
+    config = DashboardConfig(contexts=4, queries=3, before=6, after=2, max_horizon=16, batch_size=4, response_horizon=5)
     data = build_dashboard(model, sae, tokens, config=config, out_dir=out, source="stdlib", verbose=False)
     return model, sae, tokens, data, out

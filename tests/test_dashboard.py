@@ -161,8 +161,14 @@ def test_value_factor_readout_through_the_output_path_and_unembedding():
 
 
 def _fragments(html):
-    blobs = json.loads(re.search(r'<script type="application/json" id="wsd-blobs">(.*?)</script>', html).group(1))
-    return {k: gzip.decompress(base64.b64decode(v)).decode() for k, v in blobs.items()}
+    payload = json.loads(re.search(r'<script type="application/json" id="wsd-data">(.*?)</script>', html).group(1))
+    inflate = lambda b: gzip.decompress(base64.b64decode(b)).decode()  # noqa: E731
+    fragments = {"list": inflate(payload["list"])}
+    for i, chunk in enumerate(payload["chunks"]):
+        pages = json.loads(inflate(chunk))
+        assert all(payload["atoms"][a] == i for a in pages)  # the index points at the chunk that holds the page
+        fragments.update(pages)
+    return fragments
 
 
 def test_page_is_self_contained_and_holds_every_alive_atom(tmp_path):
@@ -174,7 +180,7 @@ def test_page_is_self_contained_and_holds_every_alive_atom(tmp_path):
     assert fragments["list"].count("<tr data-atom=") == len(data.atoms)
     strongest = max(data.atoms, key=lambda r: r.max_activation)
     assert f"Atom {strongest.index}" in fragments[str(strongest.index)]
-    assert len(html) < 6000 * len(data.atoms) + 20000  # lazy, compressed pages: a few kB per atom
+    assert len(html) < 5000 * len(data.atoms) + 20000  # lazy, compressed pages: a few kB per atom
 
 
 def test_saved_data_round_trips():
@@ -249,3 +255,55 @@ def test_command_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_linear_response_panel_matches_a_small_real_edit():
+    """The panel's numbers against a finite difference: the atom (times its code) really added at the firing."""
+    model, sae, tokens, data, _ = small_dashboard()
+    record = max(data.atoms, key=lambda r: r.max_activation)
+    response = record.response
+    s, t = response["sequence"], response["position"]
+    row = tokens[s : s + 1, : t + len(response["offsets"])]
+    atom = response["code"] * sae.atom_matrices(torch.tensor([record.index]))[0].detach()
+    name = model.cfg.hook_name(LAYER, f"heads.{HEAD}.hook_write")
+
+    def edited(eps):
+        def add(writes, hook):
+            writes[:, t] += eps * atom
+            return writes
+
+        with torch.no_grad():
+            return model.run_with_hooks(row, fwd_hooks=[(name, add)])[0, t:]
+
+    eps = 0.05  # a central difference: the second-order term cancels, float32 rounding stays small
+    shift = (edited(eps) - edited(-eps)) / (2 * eps)
+    assert response["max_abs"] == pytest.approx(shift.abs().max(-1).values.tolist(), rel=2e-2, abs=1e-6)
+    for j, moved in enumerate(response["tokens"]):
+        token_ids = shift[j].abs().topk(len(moved)).indices
+        assert [tok for tok, _ in moved] == model.to_str_tokens(token_ids)
+
+
+def test_protocol_run_figures_per_atom(tmp_path):
+    from writesae.dashboard.runs import atom_run_figures
+    from writesae.dashboard.views import atom_page
+    from writesae.protocols.logit_shift import LogitShiftConfig, run_logit_shift
+    from writesae.protocols.substitution import SubstitutionConfig, run_substitution
+
+    model, sae, tokens, data, _ = small_dashboard()
+    atoms = [r.index for r in sorted(data.atoms, key=lambda r: -r.count)[:2]]
+    prompts = tokens[:2, :24]
+    substitution = run_substitution(model, sae, prompts, atoms=atoms, config=SubstitutionConfig(max_firings_per_atom=2, n_bootstrap=10),
+                                    out_dir=tmp_path / "sub", verbose=False)
+    run_logit_shift(model, sae, prompts, atoms=atoms, config=LogitShiftConfig(epsilons=(0.1, 0.3), horizons=(1, 2)),
+                    out_dir=tmp_path / "shift", verbose=False)
+    figures = atom_run_figures([tmp_path / "sub", tmp_path / "shift"])
+    for atom in atoms:
+        records = [r for r in substitution.records if r["atom"] == atom]
+        assert figures[atom]["substitution"]["n"] == len(records)
+        assert figures[atom]["substitution"]["win_rate"] == pytest.approx(np.mean([r["win"] for r in records]))
+        assert set(figures[atom]["logit_shift"]["eps"]) == {0.1, 0.3}
+    record = data.atom(atoms[0])
+    page = atom_page(type(record)(**{**record.__dict__, "runs": figures[atoms[0]]}))
+    assert "substitution win rate" in page and "logit-shift R²" in page
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        atom_run_figures([tmp_path])

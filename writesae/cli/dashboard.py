@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=options.positive_int, default=8, help="token blocks per forward pass")
     p.add_argument("--no-linear-response", dest="linear_response", action="store_false",
                    help="skip the exact linear response of each atom's top firing (one forward-mode pass per atom)")  # fmt: skip
+    p.add_argument("--response-atoms", dest="response_atoms", type=options.positive_int, default=None,
+                   help="compute the linear response for this many atoms, most frequent first (default: all)")  # fmt: skip
     options.add_output_options(p, "dashboard")
 
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> None:
         args.model = _trained_on(args.sae)
     model = common.load_model(args)
     sae = common.load_sae(args.sae, model)
-    config = DashboardConfig(contexts=args.contexts, batch_size=args.batch_size, linear_response=args.linear_response)
+    config = DashboardConfig(contexts=args.contexts, batch_size=args.batch_size, linear_response=args.linear_response,
+                             response_atoms=args.response_atoms)  # fmt: skip
     data = build_dashboard(model, sae, common.token_blocks(model, args), config=config, runs=args.runs,
                            name=str(args.sae), source=args.tokens)  # fmt: skip
     page = write_dashboard(data, out)["html"]

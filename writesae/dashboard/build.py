@@ -49,6 +49,8 @@ class DashboardConfig(ScanConfig):
         readout_tokens: Vocabulary entries shown at each end of a value factor's logit effect.
         register_threshold: Median cosine from which an atom is a register (the paper's tau = 0.05).
         linear_response: Compute the exact linear response of each atom's top firing.
+        response_atoms: Compute it for this many atoms, the most frequent first (None: every alive
+            atom). It costs one forward-mode pass of the model per atom, whatever the text's length.
         response_horizon: Later positions shown in the linear response.
         response_tokens: Tokens shown per later position (largest |change in logit| first).
     """
@@ -56,6 +58,7 @@ class DashboardConfig(ScanConfig):
     readout_tokens: int = 10
     register_threshold: float = 0.05
     linear_response: bool = True
+    response_atoms: int | None = None
     response_horizon: int = 8
     response_tokens: int = 3
 
@@ -167,7 +170,8 @@ def build_dashboard(
     if config.linear_response:
         from .response import add_linear_responses
 
-        add_linear_responses(model, sae, tokens, records, config, verbose=verbose)
+        chosen = sorted(records, key=lambda r: (-r.count, r.index))[: config.response_atoms]
+        add_linear_responses(model, sae, tokens, chosen, config, verbose=verbose)
     meta = {
         "model": model.cfg.model_name,
         "sae": name or f"{sae.cfg.metadata.hook_name} head {cell.head}",

@@ -1,8 +1,9 @@
 """The dashboard as one self-contained HTML file: opens from disk, offline, with nothing to fetch.
 
 The file holds the stylesheet, a small script and the pre-rendered fragments of `views`: the atom
-list and one page per alive atom, each gzip-compressed and base64-encoded. The script inflates a
-fragment only when it is shown, so the file stays small (a few kB per atom) and opens at once
+list, and the atoms' pages in chunks of ``CHUNK`` atoms, each gzip-compressed and base64-encoded
+(chunks compress far better than single pages, which share little). The script inflates a chunk only
+when one of its atoms is shown, so the file stays small (about 2 kB per alive atom) and opens at once
 whatever the number of atoms. Navigation is by URL fragment: ``index.html#atom-12`` opens atom 12.
 """
 
@@ -21,7 +22,9 @@ from hooked_recurrent.files import atomic_write_text
 from .data import DashboardData
 from .views import atom_list, atom_page, stylesheet, summary
 
-__all__ = ["render_page", "write_page"]
+__all__ = ["render_page", "write_page", "CHUNK"]
+
+CHUNK = 16  # atom pages per compressed chunk
 
 
 def _pack(fragment: str) -> str:
@@ -31,8 +34,13 @@ def _pack(fragment: str) -> str:
 
 def render_page(data: DashboardData) -> str:
     """The whole dashboard as an HTML string."""
-    blobs = {"list": _pack(atom_list(data))}
-    blobs.update({str(r.index): _pack(atom_page(r)) for r in data.atoms})
+    records = sorted(data.atoms, key=lambda r: r.index)
+    chunks = [records[i : i + CHUNK] for i in range(0, len(records), CHUNK)]
+    payload = {
+        "list": _pack(atom_list(data)),
+        "chunks": [_pack(json.dumps({str(r.index): atom_page(r) for r in chunk})) for chunk in chunks],
+        "atoms": {str(r.index): i for i, chunk in enumerate(chunks) for r in chunk},  # atom -> its chunk
+    }
     script = resources.files(__package__).joinpath("assets/dashboard.js").read_text(encoding="utf-8")
     title = f"WriteSAE dashboard: {data.meta['sae']}"
     return (
@@ -46,7 +54,7 @@ def render_page(data: DashboardData) -> str:
         '<span class="wsd-note">click a column to sort, a row to open its atom</span></nav></header>'
         '<main><div id="wsd-list"></div><div id="wsd-atom" hidden></div></main>'
         # Base64 and digit keys hold no "<", so the JSON cannot close its script element.
-        f'<script type="application/json" id="wsd-blobs">{json.dumps(blobs, separators=(",", ":"))}</script>'
+        f'<script type="application/json" id="wsd-data">{json.dumps(payload, separators=(",", ":"))}</script>'
         f"<script>{script}</script></body></html>\n"
     )
 

@@ -4,8 +4,9 @@ For atom ``i`` firing hardest at position ``t`` of row ``s`` with code ``a``, th
 ``a * A_i`` to the head's state (or write, for an SAE on writes) at ``t`` and reads the first-order
 change of the logits at ``t, t+1, ..., t+H`` from `hooked_recurrent.linear_response`: exact to first
 order, every gate, erase, norm and later layer included (where the closed form of
-`writesae.dashboard.readout` keeps only the value factor's direct path). Per position the page lists
-the largest ``|change|`` and the tokens moved most.
+`writesae.dashboard.readout` keeps only the value factor's direct path). An edit of the state is seen
+by the read at ``t`` itself, an edit of the write too (the state at ``t`` includes it). Per position
+the page lists the largest ``|change|`` and the tokens moved most.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ def add_linear_responses(
         end = min(tokens.shape[1], top.position + 1 + config.response_horizon)
         row = tokens[top.sequence : top.sequence + 1, :end].to(model.cfg.device)
         delta = top.value * sae.atom_matrices(torch.tensor([record.index]))[0].detach()
-        with torch.enable_grad():
-            change = linear_response(model, row, meta.hook_name, top.position, delta, head=meta.hook_head_index)
+        change = linear_response(model, row, meta.hook_name, top.position, delta, head=meta.hook_head_index)
         change = change[0, top.position : end].float().cpu()  # [offsets, d_vocab]
         moved = change.abs().topk(min(config.response_tokens, change.shape[-1]), dim=-1).indices
         record.response = {
@@ -70,6 +70,6 @@ def add_linear_responses(
             "note": (
                 f"First-order change of the logits at positions t, t+1, ... after adding the atom times its code "
                 f"{top.value:.4g} to the head's {meta.hook_name.rsplit('.', 1)[-1].removeprefix('hook_')} at its top "
-                f"firing (row {top.sequence}, t = {top.position}); exact to first order, everything downstream included."
+                f"firing (seq {top.sequence} pos {top.position}); exact to first order, everything downstream included."
             ),
         }

@@ -109,7 +109,11 @@ def _runs(record: AtomRecord) -> str:
 def _response(record: AtomRecord) -> str:
     response = record.response
     if not response:
-        return ""
+        return (
+            '<div class="wsd-panel wsd-wide"><h3>Exact linear response</h3><p class="wsd-note">Not computed for this '
+            "atom (the dashboard computes it for the most frequent atoms: DashboardConfig.response_atoms, "
+            "or none with linear_response=False).</p></div>"
+        )
     rows = "".join(
         f'<tr><td class="num">+{offset}</td><td class="num">{number(peak)}</td><td>'
         + " ".join(f'<span class="wsd-chip">{token_text(t)} <b>{v:+.3g}</b></span>' for t, v in tokens)

@@ -1,20 +1,23 @@
-// WriteSAE dashboard: navigation, sorting, and lazy per-atom pages. The atom list and every atom's
-// page are pre-rendered HTML, gzip-compressed and base64-encoded in #wsd-blobs; a page is inflated
-// (DecompressionStream) only when it is opened, so a 2,048-atom dashboard opens at once.
+// WriteSAE dashboard: navigation, sorting, and lazy atom pages. The atom list and the atoms' pages
+// are pre-rendered HTML, gzip-compressed and base64-encoded in #wsd-data (pages in chunks of a few
+// atoms); a chunk is inflated (DecompressionStream) only when one of its atoms is opened, so a
+// 2,048-atom dashboard opens at once.
 "use strict";
 (function () {
-  const blobs = JSON.parse(document.getElementById("wsd-blobs").textContent);
+  const data = JSON.parse(document.getElementById("wsd-data").textContent);
   const listView = document.getElementById("wsd-list");
   const atomView = document.getElementById("wsd-atom");
-  const pages = new Map();
+  const chunks = new Map();
 
-  function inflate(key) {
-    if (!pages.has(key)) {
-      const bytes = Uint8Array.from(atob(blobs[key]), (c) => c.charCodeAt(0));
-      const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
-      pages.set(key, new Response(stream).text());
-    }
-    return pages.get(key);
+  function inflate(base64) {
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text();
+  }
+
+  function chunk(i) {
+    if (!chunks.has(i)) chunks.set(i, inflate(data.chunks[i]).then(JSON.parse));
+    return chunks.get(i);
   }
 
   function sortBy(th) {
@@ -40,18 +43,17 @@
   async function route() {
     const match = location.hash.match(/^#atom-(\d+)$/);
     if (match) {
-      if (blobs[match[1]] === undefined) {
-        atomView.innerHTML = `<p class="wsd-error">Atom ${match[1]} did not fire on this text, so it has no page.</p>`;
-      } else {
-        atomView.innerHTML = await inflate(match[1]);
-      }
+      const i = data.atoms[match[1]];
+      atomView.innerHTML = i === undefined
+        ? `<p class="wsd-error">Atom ${match[1]} did not fire on this text, so it has no page.</p>`
+        : (await chunk(i))[match[1]];
       listView.hidden = true;
       atomView.hidden = false;
       window.scrollTo(0, 0);
       document.body.dataset.view = "atom-" + match[1];
     } else {
       if (!listView.dataset.filled) {
-        listView.innerHTML = await inflate("list");
+        listView.innerHTML = await inflate(data.list);
         listView.dataset.filled = "1";
       }
       atomView.hidden = true;
