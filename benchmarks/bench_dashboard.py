@@ -4,13 +4,14 @@ For each size (tokens scanned), a fresh process builds the dashboard data of a 2
 (k = 32, random factors: every atom fires) on one head of the shipped ``stdlib:qwen3.5``, and reports
 its peak resident memory above what the model and SAE alone take, and its time:
 
-- streaming: `writesae.dashboard.scan_atoms` (running top-k, histograms; memory set by the batch);
+- streaming: `writesae.dashboard.build_dashboard` (running top-k, histograms; memory set by the batch);
 - baseline: the direct way (the tutorials' way on small data): run the batches, keep every code and
   every query score, then sort each atom's column. Its memory grows with the tokens; it runs up to
   ``--baseline-max`` tokens and is reported as "not run" beyond (with the memory it would need).
 
-At the smallest size both must find the same top activations (checked). The streaming side then
-renders the HTML page; its size is printed. The linear response (one pass per atom, independent of
+The streaming side is `build_dashboard` whole (scan, factor readouts, records); it then renders the
+HTML page, whose size is printed. At the smallest size both must find the same top activations
+(checked). The linear response (one pass per atom, independent of
 the number of tokens) is left out: ``--no-linear-response`` in the command.
 
 Usage: python benchmarks/bench_dashboard.py [--sizes 32768 131072 1048576] [--baseline-max 131072]
@@ -57,7 +58,7 @@ def setup(args: argparse.Namespace):
 
 @torch.no_grad()
 def baseline(model, sae, tokens, args):
-    """Hold every code and retrieval score, then take each atom's top-k (the contexts' values)."""
+    """Hold every code and retrieval score, then take each atom's top-k and counts."""
     from writesae.dashboard.scan import retrieval_scores
     from writesae.protocols.cell import encode_trace, sae_cell, trace_cell
 
@@ -72,38 +73,30 @@ def baseline(model, sae, tokens, args):
         scores.append(retrieval_scores(trace.query.reshape(-1, key_f.shape[-1]), key_f, value_f @ value_f.transpose(1, 2)))
     codes = torch.cat(codes).flatten(0, 1)  # [positions, d_sae]
     scores = torch.cat(scores)
-    count, peak = (codes > 0).sum(0), codes.max(0).values
-    return codes.topk(args.contexts, dim=0).values.T, scores.topk(5, dim=0).values.T, count, peak
+    count = (codes > 0).sum(0)
+    top = codes.topk(args.contexts, dim=0).values.T  # [d_sae, contexts]
+    _queries = scores.topk(5, dim=0)  # the retrieving queries, as the dashboard keeps them
+    return {str(a): [v for v in top[a, :3].tolist() if v > 0] for a in range(64) if count[a] > 0}
 
 
 def worker(args: argparse.Namespace) -> None:
     model, sae, tokens = setup(args)
     before = peak_rss_mb()
     start = time.perf_counter()
-    result: dict[str, object] = {}
     if args.worker == "streaming":
-        from writesae.dashboard import DashboardConfig, render_page
-        from writesae.dashboard.build import _records
-        from writesae.dashboard.data import DashboardData
-        from writesae.dashboard.readout import value_readout
-        from writesae.dashboard.scan import scan_atoms
+        from writesae.dashboard import DashboardConfig, build_dashboard, render_page
 
         config = DashboardConfig(contexts=args.contexts, batch_size=args.batch_size, linear_response=False)
-        scan = scan_atoms(model, sae, tokens, config, verbose=False)
+        data = build_dashboard(model, sae, tokens, config=config, source="random", verbose=False)
         seconds = time.perf_counter() - start
-        top = scan.contexts.values
-        readout = value_readout(model, sae, LAYER, HEAD)
-        records, _ = _records(model, scan, readout, config)
-        meta = {"sae": "benchmark", "model": "stdlib:qwen3.5", "hook": sae.cfg.metadata.hook_name, "head": HEAD,
-                "layer": LAYER, "kind": "write", "n_alive": len(records), "d_sae": args.d_sae,
-                "n_positions": scan.n_positions, "source": "random", "n_sequences": tokens.shape[0], "seq_len": args.seq_len}
-        page = render_page(DashboardData(meta, records))
-        result.update(html_bytes=len(page.encode()), n_alive=len(records), top=top[:8, :3].tolist())
+        page = render_page(data)
+        top = {str(r.index): [c.value for c in r.contexts[:3]] for r in data.atoms if r.index < 64}
+        result = {"html_bytes": len(page.encode()), "n_alive": len(data.atoms), "top": top}
     else:
-        top, _, count, _ = baseline(model, sae, tokens, args)
+        top = baseline(model, sae, tokens, args)
         seconds = time.perf_counter() - start
-        result.update(n_alive=int((count > 0).sum()), top=top[:8, :3].tolist())
-    result.update(seconds=seconds, extra_mb=peak_rss_mb() - before, peak_mb=peak_rss_mb())
+        result = {"top": top}
+    result.update(seconds=seconds, extra_mb=peak_rss_mb() - before)
     print(json.dumps(result))
 
 
@@ -139,8 +132,10 @@ def main() -> None:
         line = f"{tokens:>9} | {stream['seconds']:>11.1f} {stream['extra_mb']:>9.0f} {stream['html_bytes'] / 1e6:>8.2f} | "
         if tokens <= args.baseline_max:
             base = run("baseline", tokens, args)
-            if i == 0:  # both must find the same top activations
-                torch.testing.assert_close(torch.tensor(stream["top"]), torch.tensor(base["top"]), rtol=1e-4, atol=1e-7)
+            if i == 0:  # both must find the same atoms and top activations
+                assert stream["top"].keys() == base["top"].keys()
+                for atom, values in stream["top"].items():
+                    torch.testing.assert_close(torch.tensor(values), torch.tensor(base["top"][atom]), rtol=1e-4, atol=1e-7)
             line += f"{base['seconds']:>10.1f} {base['extra_mb']:>9.0f} | {base['extra_mb'] / max(stream['extra_mb'], 1):.1f}x"
         else:
             need = tokens * args.d_sae * 4 * 2 / 1e6  # codes and retrieval scores, float32

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,7 +31,9 @@ def small_dashboard():
     with torch.no_grad():  # one strong atom, so that the scales of the atoms differ
         sae.b_enc[5] = 0.05
     tokens = token_blocks(model, "stdlib", split="val", n_sequences=6, seq_len=48, seed=1)
-    out = Path(tempfile.mkdtemp(prefix="wsd-")) / "dashboard"
+    root = tempfile.mkdtemp(prefix="wsd-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = Path(root) / "dashboard"
     config = DashboardConfig(contexts=4, queries=3, before=6, after=2, max_horizon=16, batch_size=4, response_horizon=5)
     data = build_dashboard(model, sae, tokens, config=config, out_dir=out, source="stdlib", verbose=False)
     return model, sae, tokens, data, out

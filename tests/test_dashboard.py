@@ -255,6 +255,9 @@ def test_command_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0  # a finished dashboard is kept
+    assert "holds a finished dashboard" in capsys.readouterr().out
 
 
 def test_linear_response_panel_matches_a_small_real_edit():
