@@ -242,6 +242,14 @@ def test_notebook_views_and_a_silent_atom():
             data.atom(silent[0])
 
 
+def test_bad_tokens_are_refused_before_any_work():
+    from writesae.dashboard import build_dashboard
+
+    model, sae, tokens, _, _ = small_dashboard()
+    with pytest.raises(ValueError, match=r"more than skip_first=1 positions, got shape \(6, 1\)"):
+        build_dashboard(model, sae, tokens[:, :1], verbose=False)
+
+
 def test_command_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):
     from writesae.cli import main
 

@@ -158,6 +158,11 @@ def build_dashboard(
         The data every view is rendered from.
     """
     config = config or DashboardConfig()
+    if tokens.dim() != 2 or tokens.shape[1] <= config.skip_first:
+        raise ValueError(
+            f"tokens must be [rows, pos] with more than skip_first={config.skip_first} positions, got shape "
+            f"{tuple(tokens.shape)}; pass token_blocks(model, source, n_sequences=..., seq_len=...)"
+        )
     out = prepare_output_dir(out_dir, mode, what="dashboard") if out_dir is not None else None
     figures = atom_run_figures(runs)  # before the long scan: a wrong path fails at once
     start = time.time()

@@ -113,20 +113,21 @@ class TopKContexts:
 
     def contexts(self, atom: int) -> list[RawContext]:
         """The kept positions of ``atom``, highest score first."""
+        # One conversion to Python lists per field: element-wise tensor indexing costs far more.
+        rows = zip(self.values[atom].tolist(), self.sequence[atom].tolist(), self.position[atom].tolist(),
+                   self.window_tokens[atom].tolist(), self.window_values[atom].tolist())  # fmt: skip
         out = []
-        for j in range(self.k):
-            value = float(self.values[atom, j])
+        for value, sequence, position, tokens, values in rows:
             if value == -torch.inf or (self.positive_only and not value > 0):
                 continue
-            inside = self.window_tokens[atom, j] >= 0
-            first = int(inside.nonzero()[0])
+            inside = [j for j, t in enumerate(tokens) if t >= 0]  # the window clipped to its row
             out.append(RawContext(
                 value=value,
-                sequence=int(self.sequence[atom, j]),
-                position=int(self.position[atom, j]),
-                center=self.before - first,
-                tokens=self.window_tokens[atom, j][inside].tolist(),
-                values=self.window_values[atom, j][inside].tolist(),
+                sequence=sequence,
+                position=position,
+                center=self.before - inside[0],
+                tokens=[tokens[j] for j in inside],
+                values=[values[j] for j in inside],
             ))
         return out
 
