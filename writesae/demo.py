@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from hooked_recurrent.files import atomic_write_text
-from writesae.outputs import OutputMode, prepare_output_dir
+from writesae.outputs import OutputMode, holds_files, prepare_output_dir
 
 __all__ = ["run_demo", "DEMO_SIZES"]
 
@@ -164,8 +164,7 @@ def run_demo(
 
 def _stage_mode(path: Path, mode: OutputMode) -> OutputMode:
     """A stage folder continues when the demo resumes and the stage had started; else it is new."""
-    started = path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
-    return "resume" if mode == "resume" and started else "new"
+    return "resume" if mode == "resume" and holds_files(path) else "new"
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["OutputMode", "OUTPUT_MODES", "OutputExistsError", "prepare_output_dir", "RecordLog", "jsonable"]
+__all__ = ["OutputMode", "OUTPUT_MODES", "OutputExistsError", "holds_files", "prepare_output_dir", "RecordLog", "jsonable"]
 
 OutputMode = Literal["new", "resume", "overwrite"]
 OUTPUT_MODES: tuple[str, ...] = ("new", "resume", "overwrite")
@@ -63,6 +63,13 @@ class OutputExistsError(FileExistsError):
 
 def _visible_entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+
+
+def holds_files(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding files (hidden ones aside): a run that `prepare_output_dir`
+    refuses in ``"new"`` mode and can continue in ``"resume"`` mode."""
+    path = Path(path)
+    return path.is_dir() and bool(_visible_entries(path))
 
 
 def prepare_output_dir(path: str | os.PathLike, mode: str = "new", what: str = "run") -> Path:

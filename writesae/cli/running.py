@@ -18,8 +18,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
+
+from writesae.outputs import holds_files
 
 __all__ = ["Stopped", "stop_signals", "resume_command", "run_command", "user_errors"]
 
@@ -53,10 +54,11 @@ def stop_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues a run started with ``argv`` (``--resume``, no ``--overwrite``)."""
+def resume_command(argv: list[str], resume: bool = True) -> str:
+    """The command line that continues a run started with ``argv`` (``--resume``, no ``--overwrite``),
+    or with ``resume=False`` the one that starts it again (neither flag)."""
     kept = [a for a in argv if a not in ("--overwrite", "--resume")]
-    return shlex.join(["writesae", *kept, "--resume"])
+    return shlex.join(["writesae", *kept, *(["--resume"] if resume else [])])
 
 
 def _message(err: BaseException) -> str:
@@ -78,13 +80,12 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         name = "SIGTERM" if terminated else "Ctrl-C"
         print(f"\nwritesae {args.command}: stopped by {name}.", file=sys.stderr)
         if hasattr(args, "resume"):
-            out = Path(args.out)
-            if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-                print(f"{out} keeps the last checkpoint ({args.resume_note}). Continue with:\n"
+            if holds_files(args.out):
+                print(f"{args.out} keeps the last checkpoint ({args.resume_note}). Continue with:\n"
                       f"  {resume_command(argv)}", file=sys.stderr)  # fmt: skip
             else:
-                again = shlex.join(["writesae", *(a for a in argv if a not in ("--overwrite", "--resume"))])
-                print(f"Nothing was saved in {out} yet. Start again with:\n  {again}", file=sys.stderr)
+                print(f"Nothing was saved in {args.out} yet. Start again with:\n  {resume_command(argv, resume=False)}",
+                      file=sys.stderr)  # fmt: skip
         return 143 if terminated else 130
     except user_errors() as err:
         print(f"writesae {args.command}: error: {_message(err)}", file=sys.stderr)
