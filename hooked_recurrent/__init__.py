@@ -1,8 +1,9 @@
 """hooked_recurrent: TransformerLens-style hooks on recurrent and hybrid language models.
 
-`HookedRecurrentModel` wraps Hugging Face Qwen3.5 (Gated DeltaNet + gated attention) and Mamba-2
-models and puts a named hook point on every state write, on the state, the gates and the reads,
-with the TransformerLens API (`run_with_hooks`, `run_with_cache`, `hooks()`, `ActivationCache`).
+`HookedRecurrentModel` wraps Hugging Face models whose layers are matrix recurrences (Qwen3.5,
+Mamba-2 and the other families of `hooked_recurrent.families`) and puts a named hook point on every
+state write, on the state, the gates and the reads, with the TransformerLens API
+(`run_with_hooks`, `run_with_cache`, `hooks()`, `ActivationCache`).
 """
 
 from .config import HookedRecurrentConfig

@@ -25,9 +25,10 @@ class HookedRecurrentConfig:
         n_heads: Recurrent heads per matrix-recurrent layer (GDN value heads, Mamba-2 heads).
         d_k: Key dimension of each head's state (GDN key head dim, Mamba-2 ``d_state``).
         d_v: Value dimension of each head's state (GDN value head dim, Mamba-2 ``head_dim``).
-        n_key_heads: GDN query/key heads (shared by ``n_heads // n_key_heads`` value heads).
+        n_key_heads: Delta-rule query/key heads (shared by ``n_heads // n_key_heads`` value heads).
         n_groups: Mamba-2 B/C groups (shared by ``n_heads // n_groups`` heads).
-        d_mlp: MLP width (None when blocks have no MLP).
+        d_mlp: Width of the gated MLPs (None when the blocks' MLPs are all mixtures of experts, or
+            there are none).
         n_attn_heads: Query heads of attention layers.
         n_kv_heads: Key/value heads of attention layers.
         d_head: Head dimension of attention layers.

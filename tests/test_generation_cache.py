@@ -25,12 +25,15 @@ def padded_prompts(length=20, pads=(0, 4, 9), seed=3):
 def test_greedy_generation_equals_hf(pair):
     model, hf = pair
     tokens, mask = padded_prompts()
-    expected = hf.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+    # transformers' greedy decoding, each step a full forward: independent of any cache (transformers'
+    # own MiniMaxCache miscounts positions with left padding; the hooked model's cache does not).
+    greedy = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
+    expected = hf.generate(tokens, eos_token_id=2, **greedy)
     ours = model.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, verbose=False)
     assert torch.equal(ours, expected)
     # With an end-of-sequence token that one row produces early, rows stop and pad like HF.
     eos = int(expected[1, 22])
-    expected = hf.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    expected = hf.generate(tokens, eos_token_id=eos, **greedy)
     ours = model.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, verbose=False)
     assert torch.equal(ours, expected)
 
@@ -77,6 +80,8 @@ def test_continuing_a_cache_equals_one_pass(pair, split):
     first = model(tokens[:, :split], attention_mask=mask[:, :split], cache=cache)
     second = model(tokens[:, split:], attention_mask=mask[:, split:], cache=cache)
     assert cache.position == 130
+    if "attention" in model.cfg.layer_types:  # what transformers reads positions and masks from
+        assert cache.get_seq_length() == 130
     assert rel_err(torch.cat([first, second], 1)[mask.bool()], whole[mask.bool()]) < 1e-5
 
 

@@ -1,12 +1,13 @@
-"""Loading: local directories and hub ids share one path; multimodal Qwen3.5 loads as text."""
+"""Loading: local directories and hub ids share one path; multimodal checkpoints load as their text model."""
 
 import pytest
 import torch
-from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+import transformers
 
+from families import FAMILY_PRESETS
 from helpers import char_tokenizer, random_tokens
 from hooked_recurrent import HookedRecurrentModel
-from hooked_recurrent.families.qwen3_5 import Qwen3_5
+from hooked_recurrent.families import FAMILIES
 from hooked_recurrent.presets import build_preset
 
 
@@ -42,20 +43,37 @@ def test_local_directory_loads_with_its_tokenizer(saved_dir):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
 @torch.no_grad()
-def test_multimodal_checkpoint_loads_as_its_text_model(tmp_path):
+def test_every_family_loads_from_a_local_directory(preset, tmp_path):
+    """A saved checkpoint loads by path through the one loading path, as its own family."""
+    reference = build_preset(preset, seed=3)
+    reference.save_pretrained(tmp_path)
+    model = HookedRecurrentModel.from_pretrained(str(tmp_path), device="cpu")
+    assert model.cfg.architecture == type(reference).__name__
+    tokens = random_tokens(2, 12)
+    assert (model(tokens) - reference(input_ids=tokens).logits).abs().max() <= 1e-5
+
+
+MULTIMODAL = [(family, name) for family in FAMILIES for name in family.multimodal_class_names]
+
+
+@pytest.mark.parametrize("family, class_name", MULTIMODAL, ids=[name for _, name in MULTIMODAL])
+@torch.no_grad()
+def test_multimodal_checkpoint_loads_as_its_text_model(family, class_name, tmp_path):
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=4, spatial_merge_size=2, temporal_patch_size=1)
-    config = Qwen3_5Config(text_config=Qwen3_5.tiny_config().to_dict(), vision_config=vision)
+    multimodal = getattr(transformers, class_name)
+    config = multimodal.config_class(text_config=family.tiny_config().to_dict(), vision_config=vision)
     torch.manual_seed(0)
-    full = Qwen3_5ForConditionalGeneration(config).eval()
+    full = multimodal(config).eval()
     full.save_pretrained(tmp_path)
     tokens = random_tokens(2, 25)
     expected = full(input_ids=tokens).logits
     loaded = HookedRecurrentModel.from_pretrained(str(tmp_path), device="cpu")
-    wrapped = HookedRecurrentModel.from_pretrained("qwen-vl", hf_model=full, device="cpu")
+    wrapped = HookedRecurrentModel.from_pretrained("vl", hf_model=full, device="cpu")
     for model in (loaded, wrapped):
-        assert model.cfg.architecture == "Qwen3_5ForCausalLM"
+        assert model.cfg.architecture == family.hf_class_names[0]
         assert model.tokenizer is None
         assert (model(tokens) - expected).abs().max() <= 1e-5
     # Wrapping shares the multimodal model's parameters.

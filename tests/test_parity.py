@@ -5,7 +5,7 @@ import torch
 
 from families import FAMILY_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
-from reference import factors_from_cache, native_write, recurrence, rel_err
+from reference import factors_from_cache, hf_cached_state, native_write, recurrence, rel_err
 
 LENGTH = 170  # spans several chunks of both recurrence kernels (64 and 32 positions)
 
@@ -50,7 +50,7 @@ def test_write_and_state_hooks_match_reference_recurrence(pair):
         assert rel_err(cache[name("hook_state")], states) < 1e-5
         assert rel_err(cache[name("hook_recurrence_out")], reads) < 1e-5
         # ... and its last position the state HF leaves in its cache (transposed where HF stores [d_v, d_k]).
-        hf_state = hf_out.past_key_values.layers[layer].recurrent_states[0]
+        hf_state = hf_cached_state(hf_out.past_key_values, layer)
         if model.architecture.layer_kind(model.cfg.layer_types[layer]).transposed_state:
             hf_state = hf_state.transpose(-1, -2)
         assert rel_err(cache[name("hook_state")][:, -1], hf_state) < 1e-5

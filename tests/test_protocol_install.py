@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from families import PROTOCOL_PRESETS
+from families import CORE_PRESETS
 from helpers import random_tokens, tiny_pair
 from writesae.protocols.cell import Cell
 from writesae.protocols.install import InstallConfig, run_install, target_direction
 
 
-@pytest.mark.parametrize("arch", PROTOCOL_PRESETS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 def test_installs_raise_the_target(arch, tmp_path):
     model, _ = tiny_pair(arch)
     layer = model.cfg.recurrent_layers[-1]

@@ -6,7 +6,7 @@ import torch
 from transformers import Mamba2ForCausalLM
 
 import writesae  # noqa: F401
-from families import PROTOCOL_PRESETS
+from families import CORE_PRESETS
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.families.mamba2 import Mamba2
@@ -46,7 +46,7 @@ def test_exact_on_a_single_mamba2_layer():
     assert np.abs(measured - predicted).max() < 0.02 * np.abs(measured).max()
 
 
-@pytest.mark.parametrize("arch", PROTOCOL_PRESETS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 def test_paper_path_runs_and_writes_its_run_directory(arch, tmp_path):
     model, _ = tiny_pair(arch)
     sae = sae_for(model, model.cfg.recurrent_layers[1], 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import writesae  # noqa: F401
-from families import PROTOCOL_PRESETS
+from families import CORE_PRESETS
 from helpers import random_tokens, tiny_pair
 from writesae import WriteSAE, WriteSAEConfig
 from writesae.protocols.cell import Cell, trace_cell
@@ -22,7 +22,7 @@ def sae_for(model, layer, head, hook="hook_write", d_sae=4, k=1):
     return WriteSAE(cfg, seed=0)
 
 
-@pytest.mark.parametrize("arch", PROTOCOL_PRESETS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 @torch.no_grad()
 def test_atom_equal_to_the_native_write_costs_nothing_and_an_orthogonal_one_does(arch, tmp_path):
     model, _ = tiny_pair(arch)
@@ -58,7 +58,7 @@ def test_kl_divergence_by_hand():
     assert float(kl_divergence(p, q)) == pytest.approx(float(expected))
 
 
-@pytest.mark.parametrize("arch", PROTOCOL_PRESETS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 @torch.no_grad()
 def test_discovered_firings_end_to_end(arch, tmp_path):
     model, _ = tiny_pair(arch)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from families import PROTOCOL_PRESETS
+from families import CORE_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
 from writesae.store import WriteStore, collect
 
 
 
-@pytest.fixture(scope="module", params=PROTOCOL_PRESETS)
+@pytest.fixture(scope="module", params=CORE_PRESETS)
 def model(request):
     return tiny_pair(request.param)[0]
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Family, LayerKind
+from .kimi_linear import KimiLinear
 from .mamba2 import Mamba2
+from .minimax import MiniMax
+from .olmo_hybrid import OlmoHybrid
 from .qwen3_5 import Qwen3_5
+from .qwen3_5_moe import Qwen3_5Moe
+from .qwen3_next import Qwen3Next
 
 __all__ = ["FAMILIES", "Family", "LayerKind", "LAYER_KINDS", "family_of", "text_model_of"]
 
-FAMILIES: list[type[Family]] = [Qwen3_5, Mamba2]
+FAMILIES: list[type[Family]] = [Qwen3_5, Mamba2, Qwen3Next, Qwen3_5Moe, OlmoHybrid, KimiLinear, MiniMax]
 
 # Every layer kind by name (a kind several families share is the same object).
 LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for family in FAMILIES for kind in family.layer_kinds}

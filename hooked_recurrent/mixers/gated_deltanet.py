@@ -69,35 +69,26 @@ class DeltaRuleInputs:
 class GatedDeltaNetMixer(MatrixRecurrentMixer):
     """Hook points of one delta-rule layer; the block calls it in place of the HF module.
 
-    Subclasses set the class attributes to transformers' functions of the family (wrapped in
-    ``staticmethod``) and implement `project`, `output` and `output_projection`.
+    A family's subclass sets the class attributes (transformers' functions of the family wrapped
+    in ``staticmethod``; the names of the HF layer's output norm and projection) and implements
+    `project`; it overrides `dimensions` if its HF layer names its sizes otherwise than
+    transformers' Gated DeltaNet layers do.
 
     Args:
         hf_module: The HF layer it computes with (kept, not copied, not re-registered).
         context: The model's `RunContext`.
-        n_heads: Value heads (the recurrent heads).
-        n_key_heads: Query/key heads, each shared by ``n_heads // n_key_heads`` value heads.
-        d_k: Key head width.
-        d_v: Value head width.
-        per_channel_decay: One decay per key channel instead of one per head.
     """
 
     chunk_kernel: ClassVar[Callable[..., tuple[Tensor, Tensor | None]]]
     step_kernel: ClassVar[Callable[..., tuple[Tensor, Tensor | None]]]
     l2norm: ClassVar[Callable[..., Tensor]]
+    output_norm_name: ClassVar[str] = "norm"  # the gated RMSNorm of each head's read
+    output_projection_name: ClassVar[str] = "out_proj"
+    per_channel_decay: ClassVar[bool] = False  # one decay per key channel instead of one per head
 
-    def __init__(
-        self,
-        hf_module: nn.Module,
-        context: Any,
-        *,
-        n_heads: int,
-        n_key_heads: int,
-        d_k: int,
-        d_v: int,
-        per_channel_decay: bool = False,
-    ) -> None:
-        super().__init__(hf_module, context, n_heads, d_k, d_v, per_channel_decay=per_channel_decay)
+    def __init__(self, hf_module: nn.Module, context: Any = None) -> None:
+        n_heads, n_key_heads, d_k, d_v = self.dimensions(hf_module)
+        super().__init__(hf_module, context, n_heads, d_k, d_v, per_channel_decay=self.per_channel_decay)
         self.n_key_heads = n_key_heads
         self.hook_q_pre_conv = HookPoint("batch pos key_head d_k")
         self.hook_k_pre_conv = HookPoint("batch pos key_head d_k")
@@ -109,6 +100,17 @@ class GatedDeltaNetMixer(MatrixRecurrentMixer):
         self.hook_beta = HookPoint("batch pos head")
         self.hook_out = HookPoint("batch pos d_model")
 
+    @staticmethod
+    def dimensions(hf_module: nn.Module) -> tuple[int, int, int, int]:
+        """``(value heads, key heads, d_k, d_v)`` of the HF layer; each key head serves
+        ``value heads // key heads`` value heads."""
+        m = hf_module
+        return m.num_v_heads, m.num_k_heads, m.head_k_dim, m.head_v_dim
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        return getattr(self.hf, self.output_projection_name)
+
     def project(self, hidden_states: Tensor, compute_dtype: torch.dtype) -> DeltaRuleInputs:
         """The layer's projections of its (padding-masked) input."""
         raise NotImplementedError
@@ -117,7 +119,10 @@ class GatedDeltaNetMixer(MatrixRecurrentMixer):
         self, core_out: Float[Tensor, "batch pos head d_v"], gate: Float[Tensor, "batch pos head d_v"]
     ) -> Float[Tensor, "batch pos d_model"]:
         """The gated norm and output projection of the reads."""
-        raise NotImplementedError
+        batch, length = core_out.shape[:2]
+        norm = getattr(self.hf, self.output_norm_name)
+        normed = norm(core_out.reshape(-1, self.d_v), gate.reshape(-1, self.d_v))
+        return self.output_projection(normed.reshape(batch, length, -1))
 
     def forward(
         self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any
