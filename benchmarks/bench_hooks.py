@@ -12,6 +12,8 @@ Usage::
 
     python benchmarks/bench_hooks.py                  # Qwen3.5, d_k = d_v = 128, 16 heads, T = 1024
     python benchmarks/bench_hooks.py --arch mamba2    # Mamba-2, head_dim 64, d_state 128, 32 heads
+    python benchmarks/bench_hooks.py --arch kimi_linear   # Kimi Delta Attention (decay per key channel), 16 x 128
+    python benchmarks/bench_hooks.py --arch minimax   # MiniMax lightning attention (fixed decays), 8 heads x 128
     python benchmarks/bench_hooks.py --device cuda --dtype bfloat16
 
 The models have realistic widths but few layers and random weights; timings are medians.
@@ -33,6 +35,9 @@ from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.recurrence import RecurrenceInputs, StepEdit, run_recurrence, step
 
 
+DELTA_RULE = ("qwen3.5", "kimi_linear")  # the recurrences with an erase
+
+
 def build_hf(arch: str, dtype: torch.dtype, layers: int):
     """A randomly initialised HF model of realistic width."""
     torch.manual_seed(0)
@@ -46,6 +51,27 @@ def build_hf(arch: str, dtype: torch.dtype, layers: int):
             full_attention_interval=4, tie_word_embeddings=True,
         )
         return Qwen3_5ForCausalLM(config).to(dtype).eval()
+    if arch == "kimi_linear":
+        from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+        config = KimiLinearConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
+            num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=512, qk_rope_head_dim=64,
+            qk_nope_head_dim=128, v_head_dim=128, linear_num_heads=16, linear_head_dim=128,
+            layer_types=["linear_attention"] * (layers - 1) + ["full_attention"],
+            mlp_layer_types=["dense"] * layers, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2,
+        )
+        return KimiLinearForCausalLM(config).to(dtype).eval()
+    if arch == "minimax":
+        from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+        config = MiniMaxConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=1792, num_hidden_layers=layers,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=2,
+            num_experts_per_tok=1, layer_types=["linear_attention"] * (layers - 1) + ["full_attention"],
+        )
+        return MiniMaxForCausalLM(config).to(dtype).eval()
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(
@@ -130,18 +156,21 @@ def recurrence_only(args: argparse.Namespace) -> dict[str, float]:
     lanes, length, d_k, d_v = args.batch * 16, args.length, 128, 128
     if args.arch == "mamba2":
         lanes, d_k, d_v = args.batch * 32, 128, 64
+    if args.arch == "minimax":
+        lanes = args.batch * 8
     g = torch.Generator().manual_seed(0)
     device = args.device
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
+    decay_shape = (lanes, length, d_k) if args.arch == "kimi_linear" else (lanes, length)
     inputs = RecurrenceInputs(
         query=rand(lanes, length, d_k) * d_k**-0.5,
         key=torch.nn.functional.normalize(rand(lanes, length, d_k), dim=-1),
         value=rand(lanes, length, d_v),
-        log_decay=-torch.rand(lanes, length, generator=g).to(device) * 0.1,
-        erase=torch.rand(lanes, length, generator=g).to(device) if args.arch == "qwen3.5" else None,
+        log_decay=-torch.rand(*decay_shape, generator=g).to(device) * 0.1,
+        erase=torch.rand(lanes, length, generator=g).to(device) if args.arch in DELTA_RULE else None,
     )
     initial = torch.zeros(lanes, d_k, d_v, device=device)
     lanes_mask = torch.zeros(lanes, dtype=torch.bool, device=device)
@@ -226,7 +255,7 @@ def memory(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["qwen3.5", "mamba2"], default="qwen3.5")
+    parser.add_argument("--arch", choices=["qwen3.5", "mamba2", "kimi_linear", "minimax"], default="qwen3.5")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--length", type=int, default=1024)
