@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Mamba2ForCausalLM
 
+from families import CORE_PRESETS
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel, RecurrentCache
 from hooked_recurrent.families.mamba2 import Mamba2
 from hooked_recurrent.linear_response import LOGITS, cache_responses, linear_response, linear_responses
 
-ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
 
 
 def r_squared(measured: torch.Tensor, predicted: torch.Tensor) -> float:
@@ -23,7 +23,7 @@ def rank2(model, seed):
     return (torch.randn(d_k, 2, generator=g, dtype=torch.float64) @ torch.randn(2, d_v, generator=g, dtype=torch.float64)) / 4
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 @pytest.mark.parametrize("kind", ["state", "write"])
 def test_predicts_real_edits_to_first_order(arch, kind):
     """A real edit of size eps moves the logits by eps * response + O(eps^2), at every position."""
@@ -51,7 +51,7 @@ def test_predicts_real_edits_to_first_order(arch, kind):
     torch.testing.assert_close(response, shift, rtol=0, atol=1e-2 * float(response.abs().max()))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 def test_cache_edits_and_batches(arch):
     """Edits of a cached state (only later positions read them), several in one pass."""
     model, _ = tiny_pair(arch, dtype=torch.float64)
@@ -82,7 +82,7 @@ def test_cache_edits_and_batches(arch):
     assert responses[read][:, :, :, others].abs().max() == 0 and responses[read][:, :, :, head].abs().max() > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CORE_PRESETS)
 def test_the_heads_own_reads_follow_the_propagated_edit(arch):
     """By hand: dS_s = alpha_s (I - beta_s k_s k_s^T) dS_{s-1} (no erase for Mamba-2), read dS_s^T q_s."""
     model, _ = tiny_pair(arch, dtype=torch.float64)
