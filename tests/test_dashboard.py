@@ -315,6 +315,6 @@ def test_protocol_run_figures_per_atom(tmp_path):
         assert set(figures[atom]["logit_shift"]["eps"]) == {0.1, 0.3}
     record = data.atom(atoms[0])
     page = atom_page(type(record)(**{**record.__dict__, "runs": figures[atoms[0]]}))
-    assert "substitution win rate" in page and "logit-shift R²" in page
+    assert "substitution win rate" in page and "logit-shift R²" in page and "atom &lt; delete &lt; random" in page
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         atom_run_figures([tmp_path])

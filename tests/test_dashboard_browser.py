@@ -18,7 +18,7 @@ from test_dashboard import reference_codes
 
 ARTIFACTS = Path(os.environ.get("WRITESAE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000")
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000")
 
 
 def chromium(tmp_path):

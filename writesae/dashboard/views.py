@@ -94,7 +94,7 @@ def _runs(record: AtomRecord) -> str:
     sub = record.runs.get("substitution")
     if sub:
         rows.append(_stat("substitution win rate", f'{percent(sub["win_rate"])} of {sub["n"]} firings'))
-        rows.append(_stat("atom &lt; delete &lt; random", percent(sub["strict_chain_rate"])))
+        rows.append(_stat("atom < delete < random", percent(sub["strict_chain_rate"])))
         if sub.get("class"):
             rows.append(_stat("class in the run", escape(sub["class"])))
     shift = record.runs.get("logit_shift")
