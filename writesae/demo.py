@@ -55,6 +55,7 @@ def run_demo(
     input: str = "write",
     threads: int | None = 1,
     mode: OutputMode = "new",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the pipeline and return (and print) the headline figures.
 
@@ -65,6 +66,8 @@ def run_demo(
     refuses a folder holding files; ``"resume"`` continues an interrupted demo (the store and the
     training from their checkpoints; the protocols run again) and ends with the figures of an
     uninterrupted run; ``"overwrite"`` starts afresh.
+
+    ``device`` places the model, the tokens and the SAE (``"cuda"`` on a GPU).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -81,15 +84,15 @@ def run_demo(
     start = time.time()
     out = prepare_output_dir(out_dir, mode, what="demo run")
     torch.manual_seed(seed)
-    model = HookedRecurrentModel.from_pretrained(model_name, device="cpu")
+    model = HookedRecurrentModel.from_pretrained(model_name, device=device)
     cfg = model.cfg
     if layer is None or head is None:
-        probe = token_blocks(model, "stdlib", split="train", n_sequences=4, seq_len=sizes["seq_len"], seed=seed + 1)
+        probe = token_blocks(model, "stdlib", split="train", n_sequences=4, seq_len=sizes["seq_len"], seed=seed + 1).to(device)
         layer, head, decay = longest_memory_cell(model, probe, layer)
         _log(f"cell with the longest memory: L{layer} H{head} (median decay per token {decay:.3f})", start)
     _log(f"{model_name}: {cfg.architecture}, layers {cfg.layer_types}; cell L{layer} H{head}, state {cfg.d_k}x{cfg.d_v}", start)
 
-    train_tokens = token_blocks(model, "stdlib", split="train", n_sequences=sizes["store_sequences"], seq_len=sizes["seq_len"], seed=seed)
+    train_tokens = token_blocks(model, "stdlib", split="train", n_sequences=sizes["store_sequences"], seq_len=sizes["seq_len"], seed=seed).to(device)
     store = collect(model, train_tokens, layers=[layer], heads=[head], kind=input, out_dir=out / "store", skip_first=1,
                     verbose=False, mode=_stage_mode(out / "store", mode))
     _log(f"captured {store.num_samples(layer, head, 'train')} train / {store.num_samples(layer, head, 'val')} val {input}s", start)
@@ -101,12 +104,12 @@ def run_demo(
         shutil.rmtree(out / "training", ignore_errors=True)
         resume_from = None
     sae, metrics = train_on_store(store, layer, head, d_sae=sizes["d_sae"], k=sizes["k"], trainer=trainer, seed=seed,
-                                  resume_from=resume_from)
+                                  resume_from=resume_from, device=device)
     sae.save_model(out / "sae")
     _log(f"WriteSAE d_sae={sizes['d_sae']} k={sizes['k']}: val explained variance {metrics['val_explained_variance']:.3f}, "
          f"dead {metrics['val_dead_fraction']:.1%}", start)
 
-    held_out = token_blocks(model, "stdlib", split="val", n_sequences=sizes["substitution_sequences"], seq_len=sizes["seq_len"], seed=seed)
+    held_out = token_blocks(model, "stdlib", split="val", n_sequences=sizes["substitution_sequences"], seq_len=sizes["seq_len"], seed=seed).to(device)
     with torch.no_grad():
         plain = model(held_out[:2])
         spliced = model.run_with_saes(held_out[:2], saes=[sae], use_error_term=True)

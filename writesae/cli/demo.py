@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=options.nonnegative_int, default=None)
     p.add_argument("--head", type=options.nonnegative_int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    options.add_device_option(p, default="cpu")  # sized for a CPU; --device cuda runs it on a GPU
     options.add_output_options(p, "demo run", default="runs/demo")
 
 
@@ -27,4 +28,4 @@ def run(args: argparse.Namespace) -> None:
     from writesae.demo import run_demo
 
     run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed, input=args.input,
-             threads=args.threads or None, mode=options.output_mode(args))  # fmt: skip
+             threads=args.threads or None, mode=options.output_mode(args), device=args.device)  # fmt: skip

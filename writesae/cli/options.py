@@ -152,11 +152,14 @@ def output_mode(args: argparse.Namespace) -> str:
     return "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 
-def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """``--device``; under ``torchrun``, ``cuda`` means each process's own GPU (its ``LOCAL_RANK``)."""
-    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible; under torchrun, "
-                             "cuda is each process's GPU)")  # fmt: skip
+def add_device_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--device`` (default: cuda when a GPU is visible); under ``torchrun``, ``cuda`` means each
+    process's own GPU (its ``LOCAL_RANK``)."""
+    if default is None:
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", type=device, default=default,
+                        help=f"cpu, cuda, cuda:N or mps (default: {default}; under torchrun, cuda is each "
+                             "process's GPU)")  # fmt: skip
 
 
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
