@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from writesae.data import Batch, WriteSource, batch_rows, slice_batch
-from writesae.distributed import World, all_gather_objects, rank_range
+from writesae.distributed import World, all_gather_objects, all_reduce, rank_range
 from writesae.training_sae import LossOutput, WriteTrainingSAE
 
 __all__ = ["DataParallel"]
@@ -99,23 +99,17 @@ class DataParallel:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over ranks (in place)."""
-        if self.world.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return all_reduce(tensor, self.world)
 
     def any(self, flags: Tensor) -> Tensor:
         """Elementwise OR of boolean ``flags`` over ranks."""
         if not self.world.distributed:
             return flags
-        as_int = flags.to(torch.uint8)
-        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
-        return as_int.bool()
+        return all_reduce(flags.to(torch.uint8), self.world, dist.ReduceOp.MAX).bool()
 
     def min(self, tensor: Tensor) -> Tensor:
         """``tensor``'s elementwise minimum over ranks (in place)."""
-        if self.world.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor
+        return all_reduce(tensor, self.world, dist.ReduceOp.MIN)
 
     def gather(self, batch: Batch, values: Tensor) -> tuple[Batch, Tensor]:
         """The global batch and its per-sample ``values``, from every rank's rows in rank order.
