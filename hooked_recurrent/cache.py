@@ -216,8 +216,20 @@ class RecurrentCache(DynamicCache):
     # ------------------------------------------------------------------ copies
 
     def clone(self) -> RecurrentCache:
-        """An independent copy: edits to one never reach the other."""
-        return copy.deepcopy(self)
+        """An independent copy: edits to one never reach the other.
+
+        Tensors are copied with ``Tensor.clone``, so a cache filled under autograd clones too (its
+        copies stay differentiable, as a deep copy of graph tensors cannot).
+        """
+        memo: dict[int, Any] = {}
+        for entry in self.layers:
+            for value in vars(entry).values():
+                for tensor in value.values() if isinstance(value, dict) else [value]:
+                    if isinstance(tensor, Tensor):
+                        memo[id(tensor)] = tensor.clone()
+        if self.attention_mask is not None:
+            memo[id(self.attention_mask)] = self.attention_mask.clone()
+        return copy.deepcopy(self, memo)
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> RecurrentCache:
         out = self.clone()

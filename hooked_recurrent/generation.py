@@ -89,6 +89,7 @@ def generate(
     padding_side: Literal["left", "right"] = "left",
     generator: torch.Generator | None = None,
     return_cache: bool = False,
+    cache: RecurrentCache | None = None,
 ) -> Any:
     """Generate ``max_new_tokens`` tokens after a prompt.
 
@@ -109,6 +110,8 @@ def generate(
         padding_side: Padding side for a batch of strings (left, so that all prompts end together).
         generator: Random generator for sampling.
         return_cache: Also return the `RecurrentCache` after the last token.
+        cache: A `RecurrentCache` to continue from: the input holds the tokens that follow the
+            ones it has seen, and it is updated in place (``cache.clone()`` first to keep it).
 
     Returns:
         The prompt followed by the generated tokens, as tokens ``[batch, pos + new]`` or strings
@@ -132,13 +135,23 @@ def generate(
     batch, prompt_length = tokens.shape
     if prompt_length == 0:
         raise ValueError("generate needs a prompt of at least one token")
+    if attention_mask is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError(
+            "generate continues every sequence from its last position, so padding must come first: "
+            f"this prompt is right-padded (padding_side={padding_side!r}, or an attention_mask with 0s "
+            "after real tokens). Pad on the left (padding_side='left', the default)."
+        )
     eos_ids = _eos_ids(model, eos_token_id) if stop_at_eos else []
     pad_id = _pad_id(model, eos_ids)
 
     uses_positions = model.architecture.uses_position_ids
-    mask = attention_mask if attention_mask is not None else torch.ones_like(tokens)
-    positions = generation_positions(mask) if uses_positions else None
-    cache = RecurrentCache(model, batch)
+    positions = None
+    if uses_positions:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(tokens)
+        if cache is not None:  # positions continue from what the cache has seen
+            mask = cache.mask_after(mask, prompt_length)
+        positions = generation_positions(mask)[:, -prompt_length:]
+    cache = RecurrentCache(model, batch) if cache is None else cache
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     generated = []
     with torch.no_grad():

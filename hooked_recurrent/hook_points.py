@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -62,6 +62,15 @@ class HookPoint(_TLHookPoint):
         super().__init__()
         self.shape = shape
         self.__dict__["context"] = None  # the owning model's RunContext, set by the model
+        # Spliced SAEs (`hooked_recurrent.splicing`): part of the computation, like SAELens'
+        # wrapper in place of a hook point, so removing every hook never unsplices them.
+        self.__dict__["splices"] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The activation, through the SAEs spliced here (if any), before the hooks run."""
+        for splice in self.splices:
+            x = splice(x)
+        return x
 
     @property
     def start_position(self) -> int:
@@ -72,18 +81,35 @@ class HookPoint(_TLHookPoint):
         """
         return 0 if self.context is None else self.context.start_position
 
-    def add_hook(self, hook: Callable, dir: str = "fwd", *args: Any, **kwargs: Any) -> None:  # noqa: A002
+    def add_hook(
+        self,
+        hook: Callable,
+        dir: Literal["fwd", "bwd"] = "fwd",  # noqa: A002 - TransformerLens' name
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+        alias_names: list[str] | None = None,
+    ) -> None:
+        """Attach a hook as TransformerLens does; forward hooks' replacements are checked.
+
+        The `LensHandle` keeps the callable given here as ``user_hook`` (what ``list_hooks()``
+        shows), not the shape-checking wrapper that runs.
+        """
         checked = hook if dir != "fwd" else _checked(hook)
-        super().add_hook(checked, dir, *args, **kwargs)
+        super().add_hook(checked, dir, is_permanent, level, prepend, alias_names)
+        handles = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+        handles[0 if prepend else -1].user_hook = hook
 
     def has_fwd_hooks(self) -> bool:
-        """Whether any forward hook is attached (cheap; used to skip lazy work)."""
-        return len(self._forward_hooks) > 0
+        """Whether any forward hook is attached or SAE spliced (cheap; used to skip lazy work)."""
+        return len(self._forward_hooks) > 0 or bool(self.splices)
 
     def only_observers(self) -> bool:
-        """Whether every attached forward hook is marked read-only (see `observer`)."""
-        return all(is_observer(h.user_hook) for h in self.fwd_hooks if h.user_hook is not None) and (
-            len(self.fwd_hooks) == len(self._forward_hooks)
+        """Whether every attached forward hook is marked read-only (see `observer`) and no SAE is spliced."""
+        return (
+            not self.splices
+            and all(is_observer(h.user_hook) for h in self.fwd_hooks if h.user_hook is not None)
+            and len(self.fwd_hooks) == len(self._forward_hooks)
         )
 
     def iter_forward_hooks(self) -> Iterator[tuple[Callable[[Tensor], Tensor], bool]]:
@@ -91,8 +117,10 @@ class HookPoint(_TLHookPoint):
 
         Lets a mixer apply hooks one by one and recompute what later hooks see in between (a
         state edit at position t changes every later state, and a caching hook registered after
-        the editing hook should see the recomputed states).
+        the editing hook should see the recomputed states). Spliced SAEs come first.
         """
+        for splice in list(self.splices):
+            yield splice, False
         user_hooks = {h.hook.id: h.user_hook for h in self.fwd_hooks}
         for handle_id, fn in list(self._forward_hooks.items()):
 
@@ -180,6 +208,25 @@ def changed_mask(before: Tensor, after: Tensor, n_trailing: int) -> Tensor | Non
     return diff.flatten(-n_trailing).any(-1) if n_trailing > 0 else diff
 
 
+def edited_mask(snapshot: Tensor, original: Tensor, result: Tensor, n_trailing: int) -> Tensor | None:
+    """Which items the hooks changed, for a result that must then replace the computed values.
+
+    Besides changed values (`changed_mask`), a new tensor of equal values that carries its own
+    gradient counts as changing every item under autograd: an SAE spliced with its error term
+    returns the input's values computed through the SAE, and its gradient must reach the SAE.
+
+    Args:
+        snapshot: A copy of the activation taken before the hooks ran.
+        original: The activation the hooks were given (they may have edited it in place).
+        result: What the hooks left.
+        n_trailing: Trailing dims of one item, see `changed_mask`.
+    """
+    changed = changed_mask(snapshot, result, n_trailing)
+    if changed is None and result is not original and torch.is_grad_enabled() and result.requires_grad:
+        return torch.ones(result.shape[: result.dim() - n_trailing], dtype=torch.bool, device=result.device)
+    return changed
+
+
 def fire(hook_point: HookPoint, value: Tensor, n_trailing: int) -> tuple[Tensor, Tensor | None]:
     """Run a hook point and report which items the hooks changed (in place or by replacement).
 
@@ -199,4 +246,4 @@ def fire(hook_point: HookPoint, value: Tensor, n_trailing: int) -> tuple[Tensor,
     # Hooks may edit in place, so keep what was computed to compare against.
     reference = value.clone()
     result = hook_point(value)
-    return result, changed_mask(reference, result, n_trailing)
+    return result, edited_mask(reference, value, result, n_trailing)

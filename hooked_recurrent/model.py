@@ -13,9 +13,9 @@ states are only materialised when a hook or a cache asks for them.
 from __future__ import annotations
 
 import difflib
-import re
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint as TLHookPoint
+from transformer_lens.utilities import Slice
 
 from .blocks import FinalNormHooks, RunContext, StopForward
 from .cache import RecurrentCache
@@ -37,7 +38,10 @@ from .splicing import SpliceMixin
 __all__ = ["HookedRecurrentModel"]
 
 NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
-_PER_HEAD_VIEW = re.compile(r"\.heads\.\d+\.hook_(write|state)$")
+# What TransformerLens' Slice takes: an index, (start, stop[, step]), a list/tensor of indices, or a Slice.
+PosSlice = Slice | int | slice | tuple | list | Tensor | None
+ModelInput = str | list[str] | Int[Tensor, "batch pos"]
+Loss = Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]
 
 
 class HookedRecurrentModel(SpliceMixin, HookedRootModule):
@@ -158,6 +162,22 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         """The token embedding."""
         return self.hf_model.get_input_embeddings().weight
 
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The unembedding direction of each token (what a logit reads from the final residual).
+
+        As TransformerLens: a string (one token), an int or a one-element tensor gives
+        ``[d_model]``; a tensor of token ids gives ``[*tokens.shape, d_model]``.
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, Tensor) and tokens.numel() == 1:
+            tokens = int(tokens.item())
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        return self.W_U.T[tokens.to(self.W_U.device)]
+
     def mixer(self, layer: int) -> nn.Module:
         """The hook container of a layer's mixer (``blocks[layer].linear_attn / .attn / .mixer``)."""
         return getattr(self.blocks[layer], self.cfg.mixer_name(layer))
@@ -244,9 +264,63 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
 
     # ------------------------------------------------------------------ forward
 
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: Literal["logits"] = "logits", *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: None = None,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: RecurrentCache | Literal[False] | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]: ...
+
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: Literal["loss"], *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: None = None,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: RecurrentCache | Literal[False] | None = None,
+    ) -> Loss: ...
+
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: Literal["both"], *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: None = None,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: RecurrentCache | Literal[False] | None = None,
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], Loss]: ...
+
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: None, *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: None = None,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: RecurrentCache | Literal[False] | None = None,
+    ) -> None: ...
+
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: Literal["logits", "loss", "both"] | None = "logits", *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: int,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: None = None,
+    ) -> Float[Tensor, "batch pos d_model"]: ...
+
+    @overload
+    def forward(
+        self, input: ModelInput, return_type: Literal["logits", "loss", "both"] | None = "logits", *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, stop_at_layer: None = None,
+        loss_per_token: bool = False, prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None, position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: Literal[True],
+    ) -> tuple[Any, RecurrentCache]: ...
+
     def forward(
         self,
-        input: str | list[str] | Int[Tensor, "batch pos"],
+        input: ModelInput,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
         *,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -256,8 +330,8 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         padding_side: Literal["left", "right"] | None = None,
         position_ids: Int[Tensor, "batch pos"] | None = None,
         cache: RecurrentCache | bool | None = None,
-    ) -> Any:
-        """Run the model.
+    ) -> Tensor | tuple[Any, ...] | None:
+        """Run the model (typed per ``return_type``, with ``@overload``s as in TransformerLens).
 
         Args:
             input: Text (tokenized with `to_tokens`) or a ``[batch, pos]`` token tensor.
@@ -306,6 +380,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         self.context.start_position = 0 if cache is None else cache.position
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.context.padding_mask = attention_mask if padded else None
+        self.__dict__["_call_tokens"] = tokens  # for SAEs spliced with exclude_special_tokens
         try:
             output = self.hf_model(
                 input_ids=tokens,
@@ -324,6 +399,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             self.context.stop_at_layer = None
             self.context.start_position = 0
             self.context.padding_mask = None
+            self.__dict__["_call_tokens"] = None
         if cache is not None:
             cache.advance(mask, tokens.shape[1])
         logits = output.logits
@@ -408,30 +484,38 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
 
     def _hook_point(self, name: str) -> TLHookPoint:
         """The hook point of a name, or an error listing the closest valid names."""
-        hook_point = self.hook_dict.get(name)
-        if hook_point is None:
+        # mod_dict, as TransformerLens looks names up there; a module that is not a hook point is refused.
+        hook_point = getattr(self, "mod_dict", {}).get(name)
+        if not isinstance(hook_point, TLHookPoint):
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
             hint = f" Closest valid names: {', '.join(close)}." if close else ""
+            what = "is a module, not a hook point" if hook_point is not None else "is not a hook point"
             raise KeyError(
-                f"No hook point named {name!r}.{hint} `model.hook_dict` lists all "
-                f"{len(self.hook_dict)} hook points."
+                f"{name!r} {what}.{hint} `model.hook_dict` lists all {len(self.hook_dict)} hook points."
             )
         return hook_point
 
-    def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def add_hook(  # type: ignore[override]
+        self,
+        name: str | Callable[[str], bool],
+        hook: Callable,
+        dir: Literal["fwd", "bwd"] = "fwd",  # noqa: A002 - TransformerLens' name
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Attach a hook by name or name filter, as TransformerLens does (unknown names are refused)."""
         if isinstance(name, str):
             self._hook_point(name)
-        super().add_hook(name, hook, *args, **kwargs)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
-    def _enable_hook(self, name: str | Callable, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:  # noqa: A002
-        if isinstance(name, str):
-            self._hook_point(name)
-        super()._enable_hook(name, hook, dir)
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:  # noqa: A002
+        self._hook_point(name)
+        super()._enable_hook_with_name(name, hook, dir)
 
     def _names_filter(self, names_filter: NamesFilter) -> Callable[[str], bool]:
         if names_filter is None:
-            # Per-head views duplicate the all-head hook points; cache them only when named.
-            return lambda name: _PER_HEAD_VIEW.search(name) is None
+            return lambda name: True
         if isinstance(names_filter, str):
             names_filter = [names_filter]
         if isinstance(names_filter, (list, tuple, set)):
@@ -450,11 +534,17 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         device: Any = None,
         remove_batch_dim: bool = False,
         cache: dict | None = None,
-        pos_slice: Any = None,
+        pos_slice: PosSlice = None,
     ) -> tuple[dict, list, list]:
-        """Hooks that store activations (read-only, so write/state points skip defensive copies)."""
+        """Hooks that store activations, as TransformerLens' (read-only, so write/state points skip copies).
+
+        ``pos_slice`` keeps some positions of each cached activation: the ``pos`` axis of a hook
+        point is read from its named shape (``query_pos`` for attention patterns), so it is found
+        whatever the tensor's rank; hook points without a named shape (an SAE's) have it second.
+        """
         cache = {} if cache is None else cache
         wanted = self._names_filter(names_filter)
+        pos_slice = Slice.unwrap(pos_slice)
         self.is_caching = True
 
         @observer
@@ -462,35 +552,51 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             value = tensor.detach().to(device) if device is not None else tensor.detach()
             if remove_batch_dim:
                 value = value[0]
+            if pos_slice.mode != "identity":
+                axis = position_axis(hook) - int(remove_batch_dim)
+                if 0 <= axis < value.dim():
+                    value = pos_slice.apply(value, dim=axis)
             cache[hook.name + ("_grad" if is_backward else "")] = value
 
         fwd = [(name, save) for name in self.hook_dict if wanted(name)]
-        bwd = [(name, lambda t, hook: save(t, hook, True)) for name, _ in fwd] if incl_bwd else []
+        bwd = [(name, functools.partial(save, is_backward=True)) for name, _ in fwd] if incl_bwd else []
         return cache, fwd, bwd
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[True] = True, **kwargs: Any
+    ) -> tuple[Any, ActivationCache]: ...
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[False], **kwargs: Any
+    ) -> tuple[Any, dict[str, Tensor]]: ...
 
     def run_with_cache(
         self,
         *model_args: Any,
-        names_filter: NamesFilter = None,
-        device: Any = None,
-        remove_batch_dim: bool = False,
-        incl_bwd: bool = False,
-        reset_hooks_end: bool = True,
-        clear_contexts: bool = False,
         return_cache_object: bool = True,
-        **model_kwargs: Any,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
         """Run the model and return its output and an `ActivationCache` of the named activations.
 
-        Without ``names_filter`` every hook point is cached except the per-head views
-        (``...heads.{h}.hook_write/hook_state``, which duplicate the all-head tensors). Writes and
-        states are ``pos * heads * d_k * d_v`` numbers per layer: prefer naming what you need.
+        Takes TransformerLens' arguments (``names_filter``, ``device``, ``remove_batch_dim``,
+        ``incl_bwd``, ``reset_hooks_end``, ``clear_contexts``, ``pos_slice``); the rest go to
+        `forward`. Without ``names_filter`` every hook point is cached, the per-head views
+        (``...heads.{h}.hook_write/hook_state``) included: writes and states are
+        ``pos * heads * d_k * d_v`` numbers per layer, so prefer naming what you need.
         """
-        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim)
-        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = self(*model_args, **model_kwargs)
-            if incl_bwd:
-                out.backward()
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
-        return out, cache
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+
+def position_axis(hook: TLHookPoint) -> int:
+    """Index of the ``pos`` axis (with the batch axis) of the activations a hook point carries."""
+    dims = (getattr(hook, "shape", None) or "").split()
+    for name in ("pos", "query_pos"):
+        if name in dims:
+            return dims.index(name)
+    return 1

@@ -58,7 +58,10 @@ def test_hook_shapes(pair):
     }
     for name, shape in expected.items():
         assert tuple(cache[name].shape) == shape, name
-    assert not any(".heads." in k for k in cache.keys())  # per-head views only when named
+    assert set(cache.keys()) == set(model.hook_dict)  # every hook point, the per-head views included
+    for h in range(cfg.n_heads):
+        for kind in ("hook_write", "hook_state"):
+            assert torch.equal(cache[f"{gdn}heads.{h}.{kind}"], cache[gdn + kind][:, :, h])
     torch.testing.assert_close(cache["resid_pre", 1], cache["blocks.1.hook_resid_pre"])  # TL shorthand
     assert (cache[gdn + "hook_log_decay"] <= 0).all()
 

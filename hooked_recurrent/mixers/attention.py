@@ -12,8 +12,10 @@ Qwen3-Next) with hook points (at ``blocks.{l}.attn``)::
     hook_gate         [batch, pos, head, d_head]       sigmoid output gate
     hook_out          [batch, pos, d_model]            output projection
 
-When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the HF attention kernel
-(SDPA by default) runs unchanged; otherwise the pattern is computed explicitly.
+The HF attention kernel (SDPA by default) computes the output unless the pattern matters to it:
+``hook_attn_scores`` / ``hook_pattern`` are computed explicitly only when hooked, and their hooks
+then change the output only if they edit (observing, e.g. caching, leaves every output bit for bit
+as it was) or if a backward hook needs the pattern in the graph.
 
 `AttentionOutputHooks` runs any other HF attention module as it is and hooks its output only
 (``hook_out``): the attention layers of hybrid families whose attention is not recomputed here.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
 
-from ..hook_points import HookPoint
+from ..hook_points import HookPoint, fire
 
 __all__ = ["GatedAttentionHooks", "AttentionOutputHooks"]
 
@@ -85,9 +87,10 @@ class GatedAttentionHooks(nn.Module):
         else:
             bad = None
 
-        if self.hook_pattern.has_fwd_hooks() or self.hook_attn_scores.has_fwd_hooks():
+        z = None
+        if any(p.has_fwd_hooks() or p.has_hooks(dir="bwd") for p in (self.hook_attn_scores, self.hook_pattern)):
             z = self._explicit_attention(query, key, value, attention_mask)
-        else:
+        if z is None:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 m.config._attn_implementation, hf_qwen.eager_attention_forward
             )
@@ -109,18 +112,25 @@ class GatedAttentionHooks(nn.Module):
         out = (z.reshape(*input_shape, -1) * gate.reshape(*input_shape, -1)).contiguous()
         return self.hook_out(m.o_proj(out))
 
-    def _explicit_attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def _explicit_attention(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None
+    ) -> Tensor | None:
+        """Scores and pattern through their hooks; the output from them if it must come from them
+        (a hook edited one, or a backward hook needs them in the graph), else None (the kernel's)."""
         m = self.hf
         key = hf_qwen.repeat_kv(key, m.num_key_value_groups)
         value = hf_qwen.repeat_kv(value, m.num_key_value_groups)
         scores = torch.matmul(query, key.transpose(2, 3)) * m.scaling
-        scores = self.hook_attn_scores(scores + _additive_mask(attention_mask, scores))
+        scores, scores_edited = fire(self.hook_attn_scores, scores + _additive_mask(attention_mask, scores), 0)
         pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             # SDPA with a boolean mask gives zero output for rows that may attend nowhere
             # (left-padded query positions); match it.
             pattern = pattern * attention_mask[..., : key.shape[2]].any(-1, keepdim=True)
-        pattern = self.hook_pattern(pattern)
+        pattern, pattern_edited = fire(self.hook_pattern, pattern, 0)
+        needs_graph = self.hook_attn_scores.has_hooks(dir="bwd") or self.hook_pattern.has_hooks(dir="bwd")
+        if scores_edited is None and pattern_edited is None and not needs_graph:
+            return None
         return torch.matmul(pattern, value).transpose(1, 2).contiguous()
 
 

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..hook_points import HookPoint, changed_mask
+from ..hook_points import HookPoint, edited_mask
 from ..recurrence import RecurrenceInputs, RecurrenceResult, StepEdit, run_recurrence
 
 __all__ = ["RecurrenceFactors", "WriteEdits", "LaneGroup", "apply_one_by_one", "union", "outer"]
@@ -236,6 +236,6 @@ def apply_one_by_one(
             continue
         before = current.clone()
         after = apply(current)
-        changed = changed_mask(before, after, 2)
+        changed = edited_mask(before, current, after, 2)
         if changed is not None:
             replace(changed, after)
