@@ -55,15 +55,15 @@ def test_without_error_term_the_reconstruction_replaces_the_state(model):
     tokens = random_tokens(1, 24, seed=2)
     sae = make_sae(model, "hook_state", head=1)
     layer = model.cfg.recurrent_layers[1]
-    name = model.cfg.hook_name(layer, "heads.1.hook_state")
     _, plain = model.run_with_cache(tokens, names_filter=[model.cfg.hook_name(layer, "hook_recurrence_out")])
     model.add_sae(sae, use_error_term=False)
     try:
-        _, spliced = model.run_with_cache(tokens, names_filter=[name + ".hook_sae_output", model.cfg.hook_name(layer, "hook_recurrence_out")])
+        output = model.sae_hook_name(sae, "hook_sae_output")
+        _, spliced = model.run_with_cache(tokens, names_filter=[output, model.cfg.hook_name(layer, "hook_recurrence_out")])
     finally:
         model.reset_saes()
     # The read at each position is that of the reconstructed state.
-    recon = spliced[name + ".hook_sae_output"]
+    recon = spliced[output]
     reads = spliced[model.cfg.hook_name(layer, "hook_recurrence_out")][:, :, 1]
     _, queries = model.run_with_cache(tokens, names_filter=[model.cfg.hook_name(layer, "hook_read_query")])
     q = queries[model.cfg.hook_name(layer, "hook_read_query")][:, :, 1]
@@ -72,12 +72,12 @@ def test_without_error_term_the_reconstruction_replaces_the_state(model):
     torch.testing.assert_close(spliced[model.cfg.hook_name(layer, "hook_recurrence_out")][:, :, 0], other)
 
 
-def test_mismatched_saes_say_what_does_not_fit(model):
+def test_mismatched_saes_say_what_does_not_fit(model, caplog):
     good = make_sae(model, "hook_state", head=0)
     with pytest.raises(ValueError, match="head 99"):
         model.add_sae(make_sae(model, "hook_state", head=99))
-    with pytest.raises(ValueError, match="hook_head_index"):
-        model.add_sae(make_sae(model, "hook_state", head=None))
+    with pytest.raises(ValueError, match="no head axis"):
+        model.add_sae(make_sae(model, "hook_out", head=1))
     with pytest.raises(ValueError, match="trained on 'another-model'"):
         model.add_sae(make_sae(model, "hook_state", head=0, model_name="another-model"))
     wrong = WriteSAE(WriteSAEConfig.build(d_k=model.cfg.d_k + 1, d_v=model.cfg.d_v, d_sae=8, k=2))
@@ -85,11 +85,22 @@ def test_mismatched_saes_say_what_does_not_fit(model):
     with pytest.raises(ValueError, match="d_k x d_v"):
         model.add_sae(wrong)
     wrong.cfg.metadata.hook_name = good.cfg.metadata.hook_name.replace("hook_state", "hook_stat")
-    with pytest.raises(KeyError, match="hook_state"):
-        model.add_sae(wrong)
+    model.add_sae(wrong)  # skipped with a warning naming the closest hook points, as in SAELens
+    assert "No hook found" in caplog.text and good.cfg.metadata.hook_name in caplog.text
     assert not model.acts_to_saes
     model.add_sae(good)
     model.reset_hooks()  # ordinary hook resets keep spliced SAEs
     assert model.acts_to_saes
     model.reset_saes()
     assert not model.acts_to_saes and not any(h.has_fwd_hooks() for h in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_a_write_sae_without_a_head_acts_on_every_head(model):
+    """SAELens applies an SAE to the whole activation of its hook point: here, each head's state."""
+    tokens = random_tokens(1, 12, seed=3)
+    sae = make_sae(model, "hook_state", head=None)
+    name = sae.cfg.metadata.hook_name
+    _, states = model.run_with_cache(tokens, names_filter=name)
+    _, cache = model.run_with_cache_with_saes(tokens, saes=[sae], names_filter=name + ".hook_sae_acts_post")
+    torch.testing.assert_close(cache[name + ".hook_sae_acts_post"], sae.encode(states[name]))
