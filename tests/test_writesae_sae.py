@@ -276,17 +276,52 @@ def test_folded_scale_acts_on_raw_data_like_the_scaled_sae(variant: str, opts: d
         folded.fold_activation_norm_scaling_factor(0.0)
 
 
-def test_folds_that_would_break_rank_structure_refuse() -> None:
-    sae = make_sae()
+def test_whitening_would_break_rank_structure_and_refuses() -> None:
     with pytest.raises(NotImplementedError, match="rank"):
-        sae.fold_activation_whitening(torch.zeros(30), torch.eye(30), torch.eye(30))
-    sae.fold_W_dec_norm()  # unit-norm atoms: a no-op
-    with torch.no_grad():
-        sae.W_dec_key.mul_(2.0)
+        make_sae().fold_activation_whitening(torch.zeros(30), torch.eye(30), torch.eye(30))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize(("variant", "rank", "sparsity"), [("bilinear", 1, "topk"), ("bilinear", 2, "batchtopk"), ("matrix", 1, "topk"), ("flat", 1, "topk")])
+@torch.no_grad()
+def test_fold_w_dec_norm_keeps_saelens_contract_where_exact(variant, rank, sparsity, training) -> None:
+    """Atoms of equal norm fold exactly: unit atoms, codes times the old norm, same reconstruction."""
+    sae = make_sae(variant, rank, sparsity=sparsity)
+    if training:
+        trainable = writesae.WriteTrainingSAE(writesae.WriteTrainingSAEConfig.build(
+            d_k=D_K, d_v=D_V, d_sae=D_SAE, k=4, variant=variant, rank=rank, sparsity=sparsity))
+        trainable.load_state_dict(sae.state_dict())
+        sae = trainable.eval()
+    if sparsity == "batchtopk":
+        sae.topk_threshold.fill_(0.05)
+    decoder = sae.W_dec if variant == "flat" else sae.W_dec_value  # atoms are linear in it
+    decoder.div_(sae.get_W_dec_norm().reshape(-1, *[1] * (decoder.dim() - 1)))
+    sae.fold_W_dec_norm()  # unit-norm atoms (as trained): nothing to fold
+    scale = 2.5
+    decoder.mul_(scale)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    states = torch.randn(40, D_K, D_V)
+    codes, recon = sae.encode(states), sae.decode(sae.encode(states))
+    sae.fold_W_dec_norm()
+    torch.testing.assert_close(sae.get_W_dec_norm(), torch.ones(D_SAE))
+    folded_codes = sae.encode(states)
+    assert torch.equal(folded_codes != 0, codes != 0)
+    torch.testing.assert_close(folded_codes, codes * scale)
+    torch.testing.assert_close(sae.decode(folded_codes), recon)
+    # Unequal norms would change which atoms TopK keeps: refused, as SAELens' TopK SAEs refuse.
+    sae.load_state_dict(before)
+    decoder[0].mul_(3.0)
     with pytest.raises(NotImplementedError, match="normalize_decoder"):
         sae.fold_W_dec_norm()
-    sae.normalize_decoder()
-    torch.testing.assert_close(sae.get_W_dec_norm(), torch.ones(D_SAE))
+
+
+def test_a_tied_encoder_cannot_take_the_norms() -> None:
+    sae = make_sae("bilinear_tied")
+    sae.fold_W_dec_norm()  # unit norms: nothing to fold
+    with torch.no_grad():
+        sae.W_dec_key.mul_(2.0)
+    with pytest.raises(NotImplementedError, match="tied"):
+        sae.fold_W_dec_norm()
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,48 @@ def decode_gathered(
     return torch.bmm(scaled.transpose(1, 2), value_g.reshape(b, kk * r, -1))
 
 
+def decode_dense_code(
+    dense: Float[Tensor, "b n"],
+    indices: Int[Tensor, "b K"],
+    key_f: Float[Tensor, "n r d_k"],
+    value_f: Float[Tensor, "n r d_v"],
+) -> Float[Tensor, "b d_k d_v"]:
+    """``sum_i a_i A_i`` of a dense code whose nonzero entries are at ``indices``.
+
+    The forward touches the active atoms only (``decode_gathered``). The backward gives every code
+    entry its gradient ``<G, A_i>``, active or not, as a dense decoder ``a @ W_dec`` would (what
+    attribution through SAE features needs); the factors get the gradient of the active atoms.
+    """
+    return _DenseCodeDecode.apply(dense, indices, key_f, value_f)
+
+
+class _DenseCodeDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dense, indices, key_f, value_f):  # noqa: ANN001, ANN205 - autograd signature
+        values = dense.gather(-1, indices)
+        ctx.save_for_backward(indices, values, key_f, value_f)
+        return decode_gathered(values, key_f[indices], value_f[indices])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd signature
+        indices, values, key_f, value_f = ctx.saved_tensors
+        grad_dense = grad_key = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_dense = bilinear_scores(grad, key_f, value_f)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # d/dv_jr = a_j G w_jr and d/dw_jr = a_j G^T v_jr, summed over the samples using atom j.
+            key_g, value_g = key_f[indices], value_f[indices]
+            scale = values[:, :, None, None]
+            flat = indices.reshape(-1)
+            grad_key = torch.zeros_like(key_f).index_add_(
+                0, flat, (scale * torch.einsum("bkv,bjrv->bjrk", grad, value_g)).flatten(0, 1)
+            )
+            grad_value = torch.zeros_like(value_f).index_add_(
+                0, flat, (scale * torch.einsum("bkv,bjrk->bjrv", grad, key_g)).flatten(0, 1)
+            )
+        return grad_dense, None, grad_key, grad_value
+
+
 def gather_factors(
     indices: Int[Tensor, "b K"], key_f: Float[Tensor, "n r d_k"], value_f: Float[Tensor, "n r d_v"]
 ) -> tuple[Float[Tensor, "b K r d_k"], Float[Tensor, "b K r d_v"]]:

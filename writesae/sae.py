@@ -278,19 +278,47 @@ class WriteSAEMixin:
             self.W_dec.copy_(F.unit_rows(self.W_dec))  # type: ignore[attr-defined]
 
     @override
+    @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        """No-op when atoms already have unit norm; otherwise refuse (TopK selection would change).
+        """Give every atom unit Frobenius norm and fold the norms into the encoder, where that is exact.
 
-        Folding ``||A_i||`` into the encoder rescales pre-activations unevenly, which changes which
-        atoms TopK keeps (SAELens' TopKSAE refuses for the same reason). Call ``normalize_decoder()``
-        (trainers do this periodically) if you accept that change.
+        SAELens' contract: afterwards the atoms have unit norm, each code is the old code times its
+        atom's old norm, and the reconstruction is unchanged. Pre-activations are scaled the same
+        way, so TopK / BatchTopK pick the same atoms only if every atom has the same norm (unit norm,
+        the trained case, folds to nothing). With unequal norms the fold would change the selection,
+        and this raises ``NotImplementedError`` as SAELens' TopK SAEs do; ``normalize_decoder()``
+        renormalises anyway if that change is acceptable. The tied variant shares its atoms with the
+        encoder, so it can only fold unit norms.
         """
         norms = self.get_W_dec_norm()
-        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+        if torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-6):
+            return
+        if float(norms.max() - norms.min()) > 1e-6 * float(norms.max()):
             raise NotImplementedError(
-                "fold_W_dec_norm would change which atoms TopK selects (atoms do not have unit "
-                "norm); call normalize_decoder() if that change is acceptable."
+                "fold_W_dec_norm would change which atoms TopK selects (the atoms' norms differ, from "
+                f"{float(norms.min()):.4g} to {float(norms.max()):.4g}); call normalize_decoder() if "
+                "that change is acceptable."
             )
+        if self.cfg.variant == "bilinear_tied":
+            raise NotImplementedError(
+                "a bilinear_tied WriteSAE encodes with its atoms, so their norms cannot move to the "
+                "encoder; call normalize_decoder() if changing the codes' scale is acceptable."
+            )
+        self._fold_uniform_norm(norms)
+
+    def _fold_uniform_norm(self, norms: Float[Tensor, " d_sae"]) -> None:
+        """Decoder atoms divided by their norm, encoder atoms (and thresholds) multiplied by it."""
+        if has_factor_decoder(self.cfg.variant):
+            self.W_dec_key.div_(norms[:, None, None])  # type: ignore[attr-defined]
+        else:
+            self.W_dec.div_(norms[:, None])  # type: ignore[attr-defined]
+        if has_dense_encoder(self.cfg.variant):
+            self.W_enc.mul_(norms)  # type: ignore[attr-defined]
+        else:
+            self.W_enc_key.mul_(norms[:, None, None])  # type: ignore[attr-defined]
+        self.b_enc.mul_(norms)  # type: ignore[attr-defined]
+        if self.cfg.sparsity == "batchtopk":
+            self.topk_threshold.mul_(norms[0])  # type: ignore[attr-defined]
 
     @override
     @torch.no_grad()
@@ -425,6 +453,9 @@ class WriteSAEMixin:
         dense = self.hook_sae_acts_post(code.dense)
         if _is_hooked(self.hook_sae_acts_post):
             code = sparse_rows(dense)  # the hook may have edited the code, even in place
+        else:
+            # Decode from the hook point's output, so that backward hooks on it see the gradient.
+            code = code._replace(dense=dense)
         self._last_layout = layout
         n = self.cfg.d_sae
         flat_code = SparseCode(
@@ -467,11 +498,8 @@ class WriteSAEMixin:
         """
         cfg = self.cfg
         if has_factor_decoder(cfg.variant):
-            code = sparse_rows(dense)
-            indices = code.indices.sort(dim=-1).values
-            dec_key, dec_value = self.W_dec_key, self.W_dec_value  # type: ignore[attr-defined]
-            key_g, value_g = F.gather_factors(indices, dec_key, dec_value)
-            recon = F.decode_gathered(dense.gather(-1, indices), key_g, value_g)
+            indices = sparse_rows(dense).indices.sort(dim=-1).values
+            recon = F.decode_dense_code(dense, indices, self.W_dec_key, self.W_dec_value)  # type: ignore[attr-defined]
         else:
             recon = (dense @ self.W_dec).reshape(-1, cfg.d_k, cfg.d_v)  # type: ignore[attr-defined]
         return recon + self._output_offset()
