@@ -137,9 +137,9 @@ def generate(
         raise ValueError("generate needs a prompt of at least one token")
     if attention_mask is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError(
-            "generate continues every sequence from its last position, so padding must come first: "
-            f"this prompt is right-padded (padding_side={padding_side!r}, or an attention_mask with 0s "
-            "after real tokens). Pad on the left (padding_side='left', the default)."
+            "generate continues every sequence from its last position, so padding must come first, "
+            "but this prompt is right-padded (its attention_mask has 0s after real tokens). Pad on the "
+            "left: padding_side='left' (the default) for text, left-padded tokens and mask otherwise."
         )
     eos_ids = _eos_ids(model, eos_token_id) if stop_at_eos else []
     pad_id = _pad_id(model, eos_ids)

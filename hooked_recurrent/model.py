@@ -489,10 +489,8 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         if not isinstance(hook_point, TLHookPoint):
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
             hint = f" Closest valid names: {', '.join(close)}." if close else ""
-            what = "is a module, not a hook point" if hook_point is not None else "is not a hook point"
-            raise KeyError(
-                f"{name!r} {what}.{hint} `model.hook_dict` lists all {len(self.hook_dict)} hook points."
-            )
+            what = f"{name!r} is a module, not a hook point." if hook_point is not None else f"No hook point named {name!r}."
+            raise KeyError(f"{what}{hint} `model.hook_dict` lists all {len(self.hook_dict)} hook points.")
         return hook_point
 
     def add_hook(  # type: ignore[override]

@@ -66,6 +66,27 @@ def fit(data: torch.Tensor, **cfg) -> None:
     WriteSAETrainer(sae, TensorSource(data, shuffle=False), config).fit()
 
 
+def right_padded_generate() -> None:
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    model().generate(random_tokens(2, 6), attention_mask=mask, max_new_tokens=2, verbose=False)
+
+
+def stock_sae(hook: str, d_in: int = 64, head: int | None = None, model_name: str | None = None):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=hook, hook_head_index=head, model_name=model_name)
+    return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=8, metadata=meta))
+
+
+def unequal_atom_norms() -> None:
+    sae = WriteSAE.from_dict({"architecture": "write_sae", "d_in": 30, "d_sae": 8, "d_k": 6, "d_v": 5, "k": 2})
+    with torch.no_grad():
+        sae.W_dec_key[0].mul_(3.0)
+    sae.fold_W_dec_norm()
+
+
 def nan_states() -> torch.Tensor:
     data = torch.randn(32, 6, 5)
     data[20, 0, 0] = float("nan")
@@ -119,6 +140,13 @@ CASES = [
     ("hook-name-negative-layer", lambda tmp: model().cfg.hook_name(-1, "hook_write"), V, r"layer=-1 is not a block of this model: give 0\.\.3"),
     ("cache-empty-batch", lambda tmp: RecurrentCache(model(), 0), V, r"batch_size=0: .*>= 1"),
     ("cache-after-dtype-change", continue_after_bfloat16, V, r"filled by the model in torch\.float32 .* now runs in torch\.bfloat16"),
+    ("hook-name-is-a-module", lambda tmp: model().run_with_hooks(tokens(), fwd_hooks=[("blocks.0.ln1", print)]), K, r"'blocks\.0\.ln1' is a module, not a hook point.*blocks\.0\.ln1\.hook_normalized"),
+    # splicing SAEs
+    ("sae-d-in-mismatch", lambda tmp: model().run_with_saes(tokens(), saes=[stock_sae("blocks.1.hook_resid_pre", d_in=63)]), V, r"d_in=63, but 'blocks\.1\.hook_resid_pre' carries \(1, 8, 64\)"),
+    ("sae-head-out-of-range", lambda tmp: model().add_sae(stock_sae("blocks.3.attn.hook_z", 16, head=7)), V, r"head 7 is out of range: blocks\.3\.attn\.hook_z has heads 0\.\.3"),
+    ("sae-head-without-head-axis", lambda tmp: model().add_sae(stock_sae("blocks.1.hook_resid_pre", head=0)), V, r"hook_head_index=0, but blocks\.1\.hook_resid_pre carries \[batch pos d_model\], with no head axis"),
+    ("sae-other-model", lambda tmp: model().add_sae(stock_sae("blocks.1.hook_resid_pre", model_name="gpt2")), V, r"trained on 'gpt2'.*strict=False"),
+    ("sae-unequal-atom-norms-fold", lambda tmp: unequal_atom_norms(), NotImplementedError, r"atoms' norms differ.*normalize_decoder\(\)"),
     # generation
     ("generate-top-p-0", lambda tmp: model().generate(tokens(3), top_p=0.0, verbose=False), V, r"top_p=0.0: .*\(0, 1\]"),
     ("generate-top-k-0", lambda tmp: model().generate(tokens(3), top_k=0, verbose=False), V, r"top_k=0"),
@@ -126,6 +154,7 @@ CASES = [
     ("generate-negative-temperature", lambda tmp: model().generate(tokens(3), temperature=-1.0, verbose=False), V, r"temperature=-1.0: .*>= 0"),
     ("generate-int-input", lambda tmp: model().generate(5, verbose=False), T, r"input must be a string, a list of strings or a \[batch, pos\] token tensor|Type-check error"),
     ("generate-empty-prompt", lambda tmp: model().generate("", prepend_bos=False, verbose=False), V, r"at least one token"),
+    ("generate-right-padding", lambda tmp: right_padded_generate(), V, r"right-padded \(its attention_mask has 0s after real tokens\).*padding_side='left'"),
     # edit helpers
     ("edit-negative-position", lambda tmp: delete_writes([-1]), V, r"position -1 is not an absolute position"),
     ("edit-negative-head", lambda tmp: scale_writes([2], 2.0, heads=[-1]), V, r"head -1"),

@@ -176,7 +176,7 @@ def test_right_padding_is_refused_with_the_fix(model):
     prompt = random_tokens(2, 6, seed=5)
     mask = torch.ones_like(prompt)
     mask[1, 4:] = 0
-    with pytest.raises(ValueError, match="right-padded.*padding_side='left'"):
+    with pytest.raises(ValueError, match="right-padded.*Pad on the left"):
         model.generate(prompt, attention_mask=mask, max_new_tokens=2, verbose=False)
 
 
