@@ -11,6 +11,7 @@ parameters. The common layout (`PreNormBlock`)::
     blocks.{l}.hook_resid_pre    [batch, pos, d_model]
     blocks.{l}.ln1.hook_normalized
     blocks.{l}.<mixer>.*         linear_attn (delta rule, linear attention), attn or mixer (Mamba-2)
+    blocks.{l}.hook_attn_out     [batch, pos, d_model]   the mixer's output (TransformerLens' name)
     blocks.{l}.hook_resid_mid    [batch, pos, d_model]   (blocks with an MLP)
     blocks.{l}.ln2.hook_normalized
     blocks.{l}.mlp.*             (gated MLPs; other MLPs such as mixtures of experts run unchanged)
@@ -134,6 +135,7 @@ class PreNormBlock(BlockHooks):
         self.mixer_name = mixer_name
         self.ln1 = NormHooks(getattr(hf_layer, norm1))
         self.add_module(mixer_name, mixer)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.has_mlp = norm2 is not None
         if self.has_mlp:
             self.hook_resid_mid = HookPoint("batch pos d_model")
@@ -144,7 +146,7 @@ class PreNormBlock(BlockHooks):
 
     def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
         residual = self.enter(hidden_states)
-        mixed = getattr(self, self.mixer_name)(self.ln1(residual), **kwargs)
+        mixed = self.hook_attn_out(getattr(self, self.mixer_name)(self.ln1(residual), **kwargs))
         if not self.has_mlp:
             return self.hook_resid_post(residual + mixed)
         residual = self.hook_resid_mid(residual + mixed)

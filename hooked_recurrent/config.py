@@ -61,6 +61,11 @@ class HookedRecurrentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def attn_only(self) -> bool:
+        """Whether the blocks have no MLP (TransformerLens' name: the mixers are the only sublayers)."""
+        return self.d_mlp is None
+
+    @property
     def recurrent_layers(self) -> list[int]:
         """Indices of the matrix-recurrent layers (those with write and state hooks)."""
         kinds = _layer_kinds()

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint as TLHookPoint
 from transformer_lens.utilities import Slice
 
+from .activation_cache import RecurrentActivationCache
 from .blocks import FinalNormHooks, RunContext, StopForward
 from .cache import RecurrentCache
 from .components import OutputHook
@@ -177,6 +177,31 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         if isinstance(tokens, int):
             return self.W_U[:, tokens]
         return self.W_U.T[tokens.to(self.W_U.device)]
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """The output biases added to the residual stream before block ``layer``'s mixer (TransformerLens').
+
+        Args:
+            layer: The block whose input is meant (``n_layers``: the final residual).
+            mlp_input: Also count block ``layer``'s mixer (the input of its MLP).
+            include_mlp_biases: Count the MLPs' output biases too.
+        """
+        total = self.W_U.new_zeros(self.cfg.d_model)
+        for l in range(layer + int(mlp_input)):
+            block = self.blocks[l]
+            parts = [self.mixer(l)]
+            if include_mlp_biases and l < layer and hasattr(block, "mlp"):
+                parts.append(block.mlp)
+            for part in parts:
+                bias = getattr(part, "b_O", getattr(part, "b_out", None))
+                if bias is None:
+                    raise ValueError(
+                        f"block {l}'s {type(part).__name__} runs its HF module as it is: its output bias is not known"
+                    )
+                total = total + bias
+        return total
 
     def mixer(self, layer: int) -> nn.Module:
         """The hook container of a layer's mixer (``blocks[layer].linear_attn / .attn / .mixer``)."""
@@ -563,7 +588,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
     @overload
     def run_with_cache(
         self, *model_args: Any, return_cache_object: Literal[True] = True, **kwargs: Any
-    ) -> tuple[Any, ActivationCache]: ...
+    ) -> tuple[Any, RecurrentActivationCache]: ...
 
     @overload
     def run_with_cache(
@@ -576,7 +601,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         return_cache_object: bool = True,
         remove_batch_dim: bool = False,
         **kwargs: Any,
-    ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
+    ) -> tuple[Any, RecurrentActivationCache | dict[str, Tensor]]:
         """Run the model and return its output and an `ActivationCache` of the named activations.
 
         Takes TransformerLens' arguments (``names_filter``, ``device``, ``remove_batch_dim``,
@@ -587,7 +612,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         """
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            return out, RecurrentActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
 
 

@@ -143,7 +143,7 @@ def test_forward_and_run_with_cache_are_typed_per_return_type():
     returns = {o["return"] for o in overloads("forward")}
     assert {"Float[Tensor, 'batch pos d_model']", "tuple[Any, RecurrentCache]"} <= returns  # stop_at_layer, cache=True
     cached = {o["return_cache_object"]: o["return"] for o in overloads("run_with_cache")}
-    assert cached == {"Literal[True]": "tuple[Any, ActivationCache]", "Literal[False]": "tuple[Any, dict[str, Tensor]]"}
+    assert cached == {"Literal[True]": "tuple[Any, RecurrentActivationCache]", "Literal[False]": "tuple[Any, dict[str, Tensor]]"}
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ class Mamba2Block(BlockHooks):
         super().__init__(hf_layer, index, context)
         self.ln1 = NormHooks(hf_layer.norm)
         self.mixer = Mamba2Mixer(hf_layer.mixer, context)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_post = HookPoint("batch pos d_model")
 
     def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -49,7 +50,7 @@ class Mamba2Block(BlockHooks):
         normed = self.ln1(residual.to(dtype=layer.norm.weight.dtype))
         if layer.residual_in_fp32:
             residual = residual.to(torch.float32)
-        mixed = self.mixer(normed, cache=cache, attention_mask=attention_mask)
+        mixed = self.hook_attn_out(self.mixer(normed, cache=cache, attention_mask=attention_mask))
         return self.hook_resid_post(residual + mixed)
 
 

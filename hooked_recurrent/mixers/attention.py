@@ -23,13 +23,16 @@ as it was) or if a backward hook needs the pattern in the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
 
+from ..components import output_bias
 from ..hook_points import HookPoint, fire
 
 __all__ = ["GatedAttentionHooks", "AttentionOutputHooks"]
@@ -111,6 +114,26 @@ class GatedAttentionHooks(nn.Module):
         gate = self.hook_gate(torch.sigmoid(gate))
         out = (z.reshape(*input_shape, -1) * gate.reshape(*input_shape, -1)).contiguous()
         return self.hook_out(m.o_proj(out))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """The output projection per head, TransformerLens' ``W_O`` layout (gated values -> residual)."""
+        weight = self.hf.o_proj.weight  # [d_model, heads * d_head], head-major columns
+        return weight.T.reshape(-1, self.hf.head_dim, weight.shape[0])
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        """The output projection's bias (zeros when it has none)."""
+        return output_bias(self.hf.o_proj)
+
+    def head_results(self, activations: Callable[[str], Tensor]) -> Float[Tensor, "batch pos head d_model"]:
+        """Each head's contribution to the residual stream in a cached run: its gated values times ``W_O[h]``.
+
+        Args:
+            activations: The cached activation of one of this layer's hooks, by its short name.
+        """
+        values = activations("hook_z") * activations("hook_gate")
+        return torch.einsum("bphd,hdm->bphm", values.to(self.W_O.dtype), self.W_O)
 
     def _explicit_attention(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None

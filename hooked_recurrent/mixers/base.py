@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from ..components import output_bias
 from ..hook_points import HookPoint, fire
 from .replay import LaneGroup, RecurrenceFactors, WriteEdits, apply_one_by_one, outer, union
 
@@ -97,6 +98,51 @@ class MatrixRecurrentMixer(nn.Module):
     def output_projection(self) -> nn.Linear:
         """The linear layer that maps the heads' (normed, gated) values to the residual stream."""
         raise NotImplementedError
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_v d_model"]:
+        """The output projection per head, TransformerLens' ``W_O`` layout (head values -> residual)."""
+        weight = self.output_projection.weight  # [d_model, heads * d_v], head-major columns
+        return weight.T.reshape(self.n_heads, self.d_v, weight.shape[0])
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        """The output projection's bias (zeros when it has none)."""
+        return output_bias(self.output_projection)
+
+    def output(
+        self, core_out: Float[Tensor, "batch pos head d_v"], gate: Float[Tensor, "batch pos *gate"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The gated norm and output projection of the reads (each mixer kind has its own)."""
+        raise NotImplementedError
+
+    def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:
+        """What `output` read in a run, from that run's activations of this mixer's hook points.
+
+        Args:
+            activations: The cached activation of one of this mixer's hooks, by its short name.
+        """
+        raise NotImplementedError
+
+    def head_results(self, activations: Callable[[str], Tensor]) -> Float[Tensor, "batch pos head d_model"]:
+        """Each head's contribution to the residual stream in a cached run (they sum to ``hook_out``).
+
+        The output projection is linear, so head ``h`` contributes its slice of what the
+        projection reads times ``W_O[h]``; that input is recomputed here from the cached reads and
+        gates by the mixer's own `output` (its norm may mix heads, as Mamba-2's group norm does).
+
+        Args:
+            activations: As for `output_inputs`.
+        """
+        seen: list[Tensor] = []
+        handle = self.output_projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                self.output(*self.output_inputs(activations))
+        finally:
+            handle.remove()
+        values = seen[0].unflatten(-1, (self.n_heads, self.d_v))
+        return torch.einsum("bphd,hdm->bphm", values.to(self.W_O.dtype), self.W_O)
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """The columns of the layer's output projection that read head ``head``'s value dimensions.

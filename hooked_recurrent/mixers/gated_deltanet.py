@@ -124,6 +124,9 @@ class GatedDeltaNetMixer(MatrixRecurrentMixer):
         normed = norm(core_out.reshape(-1, self.d_v), gate.reshape(-1, self.d_v))
         return self.output_projection(normed.reshape(batch, length, -1))
 
+    def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:
+        return activations("hook_recurrence_out"), activations("hook_gate_input")
+
     def forward(
         self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any
     ) -> Float[Tensor, "batch pos d_model"]:

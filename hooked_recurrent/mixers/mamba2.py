@@ -32,10 +32,12 @@ take ``dt`` and ``A`` separately, not their product).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformers.models.mamba2 import modeling_mamba2 as hf_mamba
 
@@ -162,6 +164,16 @@ class Mamba2Mixer(MatrixRecurrentMixer):
             store_state(cache, m.layer_idx, final_state.transpose(-1, -2).contiguous())
 
         skip = self.hook_skip(m.D.to(compute_dtype)[:, None] * x.to(compute_dtype))
-        scan_output = (reads + skip).reshape(batch, length, -1)
-        scan_output = m.norm(scan_output, gate)
-        return self.hook_out(m.out_proj(scan_output.to(dtype)))
+        return self.hook_out(self.output(reads + skip, gate))
+
+    def output(
+        self, core_out: Float[Tensor, "batch pos head head_dim"], gate: Float[Tensor, "batch pos *gate"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The gated group norm of the reads (plus the D skip) and the output projection."""
+        m = self.hf
+        batch, length = core_out.shape[:2]
+        normed = m.norm(core_out.reshape(batch, length, -1), gate.reshape(batch, length, -1))
+        return m.out_proj(normed.to(m.out_proj.weight.dtype))
+
+    def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:
+        return activations("hook_recurrence_out") + activations("hook_skip"), activations("hook_gate_input")
