@@ -511,12 +511,15 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         """The hook point of a name, or an error listing the closest valid names."""
         # mod_dict, as TransformerLens looks names up there; a module that is not a hook point is refused.
         hook_point = getattr(self, "mod_dict", {}).get(name)
-        if not isinstance(hook_point, TLHookPoint):
+        if isinstance(hook_point, TLHookPoint):
+            return hook_point
+        if hook_point is not None:
+            inside = [n for n in self.hook_dict if n.startswith(name + ".")]
+            what = f"{name!r} is a module, not a hook point." + (f" Its hook points: {', '.join(inside[:6])}." if inside else "")
+        else:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
-            hint = f" Closest valid names: {', '.join(close)}." if close else ""
-            what = f"{name!r} is a module, not a hook point." if hook_point is not None else f"No hook point named {name!r}."
-            raise KeyError(f"{what}{hint} `model.hook_dict` lists all {len(self.hook_dict)} hook points.")
-        return hook_point
+            what = f"No hook point named {name!r}." + (f" Closest valid names: {', '.join(close)}." if close else "")
+        raise KeyError(f"{what} `model.hook_dict` lists all {len(self.hook_dict)} hook points.")
 
     def add_hook(  # type: ignore[override]
         self,
@@ -602,7 +605,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         remove_batch_dim: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, RecurrentActivationCache | dict[str, Tensor]]:
-        """Run the model and return its output and an `ActivationCache` of the named activations.
+        """Run the model; return its output and a `RecurrentActivationCache` (TransformerLens' class, for hybrids).
 
         Takes TransformerLens' arguments (``names_filter``, ``device``, ``remove_batch_dim``,
         ``incl_bwd``, ``reset_hooks_end``, ``clear_contexts``, ``pos_slice``); the rest go to

@@ -260,3 +260,18 @@ def test_special_tokens_can_keep_their_activation(qwen):
     _, cache = qwen.run_with_cache_with_saes(tokens, saes=[sae], exclude_special_tokens=[1])
     out = cache[hook + ".hook_sae_output"]
     assert torch.equal(out[:, 0], plain[hook][:, 0]) and (out[:, 1:] - plain[hook][:, 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("error_term", [False, True])
+def test_backward_hooks_fire_on_every_sae_hook_point_as_in_saelens(qwen, error_term):
+    """Each SAE hook point in the graph gets its gradient; the error term is a constant (no gradient)."""
+    write = write_sae(qwen, 2, "hook_write", head=0)
+    resid = stock_sae("jumprelu", "blocks.0.hook_resid_post", 64)
+    fired = set()
+    names = [f"{s.cfg.metadata.hook_name}.hook_sae_{h}" for s in (write, resid)
+             for h in ("input", "acts_pre", "acts_post", "recons", "output", "error")]
+    with qwen.saes([write, resid], use_error_term=error_term):
+        with qwen.hooks(bwd_hooks=[(n, lambda grad, hook: fired.add(hook.name)) for n in names]):
+            qwen(random_tokens(1, 6, seed=13)).sum().backward()
+    expected = {n for n in names if not n.endswith("error")}  # no error without the error term; constant with it
+    assert fired == expected
