@@ -8,11 +8,14 @@ on these models or raises an error that says why it does not apply:
   ``remove_batch_dim``, ``apply_slice_to_batch_dim``, ``stack_activation``, ``logit_attrs``,
   ``decompose_resid`` (a block's token mixer, attention or recurrent, is its ``attn_out``; blocks
   without an MLP make ``cfg.attn_only`` true), ``apply_ln_to_stack`` (with the norms'
-  ``hook_scale``), ``get_full_resid_decomposition``.
-- Adapted: ``accumulated_resid`` and ``apply_ln_to_stack`` say so when a block has no MLP (hence no
-  ``resid_mid`` / ``ln2``); ``compute_head_results`` and ``stack_head_results`` give every head of
+  ``hook_scale``), ``get_full_resid_decomposition`` (where every mixer has head results and every
+  MLP is gated; otherwise it says which output bias or head results are unknown).
+- Adapted: ``accumulated_resid``, ``decompose_resid`` and ``apply_ln_to_stack`` say so when a block
+  has no MLP (hence no ``resid_mid`` / ``ln2``); the decompositions say so when a family's blocks
+  rescale the residual stream (MiniMax), which then is not a sum of its components' outputs; ``compute_head_results`` and ``stack_head_results`` give every head of
   every mixer, attention or recurrent (each mixer's heads, ``L{l}H{h}``, sum to its ``hook_out``);
-  the neuron methods say so when a block has no gated MLP; ``ssm_layers`` and
+  the head and neuron methods say so when a block has no such results (attention run as the HF
+  module is, no gated MLP, or a post-norm block whose outputs are normed before they are added); ``ssm_layers`` and
   ``compute_ssm_state`` read the recurrent layers and their cached ``hook_state``.
 - Not applicable: ``compute_ssm_effective_attention`` (TransformerBridge's reconstruction of an SSM
   from its interior hooks; here the writes and states are hook points themselves).
@@ -50,6 +53,31 @@ class RecurrentActivationCache(ActivationCache):
                 "ln2 (a block is norm -> mixer -> residual add); use incl_mid=False and mlp_input=False."
             )
 
+    def _require_additive(self, what: str) -> None:
+        rescaled = [l for l, block in enumerate(self.model.blocks) if not block.additive_residual]
+        if rescaled:
+            raise ValueError(
+                f"{what}: the residual stream of {self.model.cfg.architecture} is not a sum of its components' "
+                f"outputs (blocks {rescaled} rescale it by fixed factors), so it does not decompose into them; "
+                "accumulated_resid, stack_head_results and the hook points themselves still apply."
+            )
+
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
+                        apply_ln: bool = False, pos_slice: Any = None, incl_embeds: bool = True,
+                        return_labels: bool = False) -> Any:
+        self._require_additive("decompose_resid")
+        if mlp_input:
+            self._require_mid("decompose_resid(mlp_input=True)")
+        return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+
+    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False, pos_slice: Any = None,
+                                     return_labels: bool = False, project_output_onto: Tensor | None = None) -> Any:
+        self._require_additive("get_full_resid_decomposition")
+        return super().get_full_resid_decomposition(
+            layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, project_output_onto
+        )
+
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
                           pos_slice: Any = None, mlp_input: bool = False, return_labels: bool = False) -> Any:
         if incl_mid or mlp_input:
@@ -77,6 +105,11 @@ class RecurrentActivationCache(ActivationCache):
                 raise ValueError(
                     f"layer {layer} ({self.model.cfg.layer_types[layer]}) runs its HF module as it is and "
                     "exposes only its output (hook_out), so it has no per-head results."
+                )
+            if self.model.blocks[layer].normed_outputs:
+                raise ValueError(
+                    f"block {layer} norms its mixer's output before adding it to the residual stream, so "
+                    "per-head results would not add up to what the block adds; it has no per-head results."
                 )
 
             def activation(name: str, prefix: str = prefix) -> Tensor:
@@ -117,10 +150,16 @@ class RecurrentActivationCache(ActivationCache):
     # ------------------------------------------------------------------ neurons
 
     def _require_neurons(self, layer: int) -> None:
-        if not hasattr(self.model.blocks[layer], "mlp") or not hasattr(self.model.blocks[layer].mlp, "W_out"):
+        block = self.model.blocks[layer]
+        if not hasattr(block, "mlp") or not hasattr(block.mlp, "W_out"):
             raise ValueError(
                 f"block {layer} of {self.model.cfg.architecture} has no gated MLP (no mlp.hook_post and "
                 "W_out), so it has no neuron results; decompose_resid(mode='mlp') gives whole MLP outputs."
+            )
+        if block.normed_outputs:
+            raise ValueError(
+                f"block {layer} norms its MLP's output before adding it to the residual stream (hook_mlp_out "
+                "is the normed output), so neuron results would not add up to it; it has no neuron results."
             )
 
     def get_neuron_results(self, layer: int, neuron_slice: Any = None, pos_slice: Any = None,

@@ -86,6 +86,12 @@ class BlockHooks(nn.Module):
     """
 
     mixer_name: str  # the name of the mixer's hook container
+    # Whether the residual stream is a plain sum (resid_post = resid_pre + attn_out [+ mlp_out]), so
+    # that it decomposes into its components' outputs (ActivationCache.decompose_resid and kin).
+    additive_residual: bool = True
+    # Whether the block norms its mixer's and MLP's outputs before adding them (post-norm): its
+    # heads' and neurons' results then do not add up to what reaches the residual stream.
+    normed_outputs: bool = False
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__()

@@ -36,6 +36,8 @@ class HookedRecurrentConfig:
         dtype: Parameter dtype.
         device: Device of the parameters.
         default_prepend_bos: Whether `to_tokens` prepends a BOS token by default.
+        attn_only: Whether no block has an MLP (TransformerLens' name: the token mixers are the
+            only sublayers, as in Mamba-2); the model sets it from its blocks.
     """
 
     model_name: str
@@ -58,12 +60,8 @@ class HookedRecurrentConfig:
     device: str = "cpu"
     default_prepend_bos: bool = False
     normalization_type: str = "RMS"
+    attn_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def attn_only(self) -> bool:
-        """Whether the blocks have no MLP (TransformerLens' name: the mixers are the only sublayers)."""
-        return self.d_mlp is None
 
     @property
     def recurrent_layers(self) -> list[int]:

@@ -84,6 +84,7 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             arch.build_block(layer, i, self.context) for i, layer in enumerate(arch.layers(hf_model))
         )
         self.ln_final = FinalNormHooks(arch.final_norm(hf_model), self.context, self.cfg.n_layers)
+        self.cfg.attn_only = not any(hasattr(block, "hook_mlp_out") for block in self.blocks)
         self._install()
         self.setup()
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformer_lens.utilities import Slice
 
+from families import FAMILY_PRESETS
 from helpers import random_tokens, tiny_pair
 
-ARCHS = ["tiny-random:qwen3.5", "tiny-random:mamba2"]
 
-
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
 def run(request):
     model = tiny_pair(request.param)[0]
     with torch.no_grad():
@@ -25,28 +24,59 @@ def final_resid(model, cache):
     return cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
 
 
+def additive(model):
+    """Whether every block adds its sublayers' outputs to the residual stream (not MiniMax's)."""
+    return all(block.additive_residual for block in model.blocks)
+
+
+def per_head(model):
+    """Whether every mixer computes its heads here (not attention run as the HF module is) and adds
+    them to the residual stream as they are (no post-norm)."""
+    return all(
+        hasattr(model.mixer(l), "head_results") and not model.blocks[l].normed_outputs for l in range(model.cfg.n_layers)
+    )
+
+
+def neurons(model):
+    """Whether every block has a gated MLP whose output is added as it is."""
+    return all(hasattr(getattr(block, "mlp", None), "W_out") and not block.normed_outputs for block in model.blocks)
+
+
 def test_residual_decompositions_add_up_to_the_residual_stream(run):
     model, cache = run
     total = final_resid(model, cache)
+    if not additive(model):
+        with pytest.raises(ValueError, match="not a sum of its components' outputs"):
+            cache.decompose_resid(layer=-1)
+        return
     parts, labels = cache.decompose_resid(layer=-1, return_labels=True)
     torch.testing.assert_close(parts.sum(0), total, rtol=1e-4, atol=1e-4)
     per_block = 1 if model.cfg.attn_only else 2
     assert len(labels) == 1 + per_block * model.cfg.n_layers and labels[0] == "embed"
     mixers = cache.decompose_resid(layer=-1, mode="attn", incl_embeds=False)
-    for l in range(model.cfg.n_layers):  # a block's mixer, attention or recurrent, is its attn_out
-        torch.testing.assert_close(mixers[l], cache[f"blocks.{l}.{model.cfg.mixer_name(l)}.hook_out"])
-    full = cache.get_full_resid_decomposition(layer=-1, expand_neurons=not model.cfg.attn_only)
+    for l, block in enumerate(model.blocks):  # a pre-norm block's mixer, attention or recurrent, is its attn_out
+        if not block.normed_outputs:
+            torch.testing.assert_close(mixers[l], cache[f"blocks.{l}.{model.cfg.mixer_name(l)}.hook_out"])
+    if not per_head(model):
+        with pytest.raises(ValueError, match="no per-head results"):
+            cache.get_full_resid_decomposition(layer=-1, expand_neurons=False)
+        return
+    full = cache.get_full_resid_decomposition(layer=-1, expand_neurons=neurons(model))
     torch.testing.assert_close(full.sum(0), total, rtol=1e-4, atol=1e-4)
 
 
 def test_every_mixers_heads_sum_to_its_output(run):
     model, cache = run
+    if not per_head(model):
+        with pytest.raises(ValueError, match="no per-head results"):
+            cache.stack_head_results(layer=-1)
+        return
     stack, labels = cache.stack_head_results(layer=-1, incl_remainder=True, return_labels=True)
     start = 0
     for l in range(model.cfg.n_layers):
         out = cache[f"blocks.{l}.{model.cfg.mixer_name(l)}.hook_out"]
         n = sum(label.startswith(f"L{l}H") for label in labels)
-        assert n == (model.cfg.n_attn_heads if model.cfg.layer_types[l] == "attention" else model.cfg.n_heads)
+        assert n == (model.cfg.n_attn_heads if model.cfg.layer_types[l] == "attention" else model.mixer(l).n_heads)
         torch.testing.assert_close(stack[start : start + n].sum(0), out, rtol=1e-4, atol=1e-5)
         start += n
     assert labels[-1] == "remainder"
@@ -60,8 +90,9 @@ def test_every_mixers_heads_sum_to_its_output(run):
 
 def test_apply_ln_to_stack_divides_by_the_norms_own_scale(run):
     model, cache = run
-    for layer, norm in ((0, "blocks.0.ln1"), (model.cfg.n_layers, "ln_final")):
-        x = cache[f"blocks.{max(layer - 1, 0)}.hook_resid_{'post' if layer else 'pre'}"]
+    first = next(l for l, block in enumerate(model.blocks) if hasattr(block, "ln1"))  # a pre-norm block
+    for layer, norm in ((first, f"blocks.{first}.ln1"), (model.cfg.n_layers, "ln_final")):
+        x = cache[f"blocks.{layer - 1}.hook_resid_post" if layer else "blocks.0.hook_resid_pre"]
         scaled = cache.apply_ln_to_stack(x[None], layer=layer)[0]
         gain = cache[f"{norm}.hook_normalized"] / scaled  # the norm's weight: the same at every position
         torch.testing.assert_close(gain, gain[:1, :1].expand_as(gain), rtol=1e-4, atol=1e-5)
@@ -75,9 +106,9 @@ def test_apply_ln_to_stack_divides_by_the_norms_own_scale(run):
 def test_an_edit_of_hook_scale_rescales_the_norm_as_in_transformerlens(run):
     model, cache = run
     tokens = random_tokens(2, 7, seed=12)
-    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda scale, hook: scale * 2)]):
-        _, edited = model.run_with_cache(tokens, names_filter="blocks.0.ln1.hook_normalized")
-    torch.testing.assert_close(edited["blocks.0.ln1.hook_normalized"], cache["blocks.0.ln1.hook_normalized"] / 2)
+    with model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda scale, hook: scale * 2)]):
+        _, edited = model.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
+    torch.testing.assert_close(edited["ln_final.hook_normalized"], cache["ln_final.hook_normalized"] / 2)
 
 
 def test_logit_attributions_read_the_unembedding(run):
@@ -95,12 +126,13 @@ def test_logit_attributions_read_the_unembedding(run):
 def test_neurons_sum_to_the_mlp_or_the_block_says_it_has_none(run):
     model, cache = run
     if model.cfg.attn_only:
-        with pytest.raises(ValueError, match="no gated MLP"):
-            cache.stack_neuron_results(layer=-1)
         with pytest.raises(ValueError, match="no MLP, hence no resid_mid"):
             cache.accumulated_resid(incl_mid=True)
         with pytest.raises(ValueError, match="no MLP, hence no resid_mid"):
             cache.apply_ln_to_stack(cache["blocks.0.hook_resid_pre"][None], 1, mlp_input=True)
+    if not neurons(model):
+        with pytest.raises(ValueError, match="no neuron results"):
+            cache.stack_neuron_results(layer=-1)
         return
     for l in range(model.cfg.n_layers):
         torch.testing.assert_close(cache.get_neuron_results(l).sum(-2), cache[f"blocks.{l}.hook_mlp_out"], rtol=1e-4, atol=1e-5)

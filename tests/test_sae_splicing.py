@@ -14,6 +14,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 
 import writesae  # noqa: F401  registers the architecture
+from families import FAMILY_PRESETS
 from helpers import random_tokens, tiny_pair
 from writesae import WriteSAE, WriteSAEConfig
 
@@ -275,3 +276,20 @@ def test_backward_hooks_fire_on_every_sae_hook_point_as_in_saelens(qwen, error_t
             qwen(random_tokens(1, 6, seed=13)).sum().backward()
     expected = {n for n in names if not n.endswith("error")}  # no error without the error term; constant with it
     assert fired == expected
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_every_family_takes_a_stock_and_a_write_sae_together(preset):
+    model = tiny_pair(preset)[0]
+    layer = model.cfg.recurrent_layers[-1]
+    mixer = model.mixer(layer)
+    resid = stock_sae("topk", f"blocks.{layer}.hook_resid_pre", model.cfg.d_model)
+    cfg = WriteSAEConfig.build(d_k=mixer.d_k, d_v=mixer.d_v, d_sae=16, k=3)
+    cfg.metadata.hook_name, cfg.metadata.hook_head_index = model.cfg.hook_name(layer, "hook_state"), mixer.n_heads - 1
+    state = WriteSAE(cfg, seed=0)
+    tokens = random_tokens(2, 6, seed=14)
+    with torch.no_grad():
+        plain = model(tokens)
+        assert torch.equal(model.run_with_saes(tokens, saes=[resid, state], use_error_term=True), plain)
+    model.run_with_saes(tokens, saes=[resid, state]).sum().backward()
+    assert resid.W_enc.grad.abs().sum() > 0 and state.W_dec_key.grad.abs().sum() > 0

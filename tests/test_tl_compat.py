@@ -13,6 +13,7 @@ import torch
 from transformer_lens.hook_points import HookPoint as TLHookPoint
 from transformer_lens.utilities import Slice
 
+from families import FAMILY_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel, HookPoint, RecurrentCache
 
@@ -104,14 +105,17 @@ def test_pos_slice_keeps_the_same_positions_of_every_hook_point(model, pos_slice
         assert torch.equal(one[name], as_slice.apply(first[name][0], dim=axis - 1)), name
 
 
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
 @torch.no_grad()
-def test_an_unfiltered_cache_holds_every_hook_point(model):
+def test_an_unfiltered_cache_holds_every_hook_point_and_changes_nothing(preset):
+    model = tiny_pair(preset)[0]
     tokens = random_tokens(2, 5, seed=2)
     logits, cache = model.run_with_cache(tokens)
     assert set(cache.keys()) == set(model.hook_dict)
-    assert torch.equal(logits, model(tokens))
-    mixer = model.cfg.hook_name(model.cfg.recurrent_layers[0], "")
-    for h in range(model.cfg.n_heads):  # the per-head views are the all-head tensors' slices
+    assert torch.equal(logits, model(tokens))  # bit for bit: observing never changes a result
+    layer = model.cfg.recurrent_layers[0]
+    mixer = model.cfg.hook_name(layer, "")
+    for h in range(model.mixer(layer).n_heads):  # the per-head views are the all-head tensors' slices
         assert torch.equal(cache[f"{mixer}heads.{h}.hook_state"], cache[f"{mixer}hook_state"][:, :, h])
 
 

@@ -21,6 +21,7 @@ holds typed layers, so its token count comes from an attention layer, and genera
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,9 +105,19 @@ class LightningAttention(MatrixRecurrentMixer):
         )
         if cache is not None:
             store_state(cache, m.layer_idx, final_state)
-        normed = m.norm(reads.reshape(batch, length, heads * d).to(hidden_states.dtype))
         gate = self.hook_gate(torch.sigmoid(m.output_gate(hidden_states)))
-        return self.hook_out(m.out_proj(gate * normed))
+        return self.hook_out(self.output(reads, gate))
+
+    def output(
+        self, core_out: Float[Tensor, "batch pos head d_v"], gate: Float[Tensor, "batch pos value_dim"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The norm of the reads (over every head), the sigmoid output gate, the output projection."""
+        m = self.hf
+        normed = m.norm(core_out.flatten(2).to(m.out_proj.weight.dtype))
+        return m.out_proj(gate * normed)
+
+    def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:
+        return activations("hook_recurrence_out"), activations("hook_gate")
 
 
 def lightning_recurrence(
@@ -143,9 +154,11 @@ class MiniMaxBlock(BlockHooks):
 
     ``x = a * ln1(x) + b * mixer(ln1(x))``, then ``x = c * ln2(x) + d * mlp(ln2(x))`` with the
     layer's ``alpha``/``beta`` factors. Hook points: ``hook_resid_pre``, ``ln1.hook_normalized``,
-    the mixer's, ``hook_resid_mid``, ``ln2.hook_normalized``, ``hook_mlp_out`` (the MoE output,
+    the mixer's, ``hook_attn_out`` (the mixer's output, before its factor), ``hook_resid_mid``, ``ln2.hook_normalized``, ``hook_mlp_out`` (the MoE output,
     before its factor), ``hook_resid_post``.
     """
+
+    additive_residual = False  # the residual stream is rescaled by the layer's factors
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__(hf_layer, index, context)
@@ -156,6 +169,7 @@ class MiniMaxBlock(BlockHooks):
         else:
             self.mixer_name = ATTENTION.container
             self.attn = AttentionOutputHooks(hf_layer.self_attn)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_mid = HookPoint("batch pos d_model")
         self.ln2 = NormHooks(hf_layer.post_attention_layernorm)
         self.mlp = mlp_hooks(hf_layer.mlp)
@@ -165,7 +179,7 @@ class MiniMaxBlock(BlockHooks):
     def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
         layer = self.hf
         normed = self.ln1(self.enter(hidden_states))
-        mixed = getattr(self, self.mixer_name)(normed, **kwargs)
+        mixed = self.hook_attn_out(getattr(self, self.mixer_name)(normed, **kwargs))
         residual = self.hook_resid_mid(normed * layer.attn_alpha_factor + mixed * layer.attn_beta_factor)
         normed = self.ln2(residual)
         mlp_out = self.hook_mlp_out(self.mlp(normed))

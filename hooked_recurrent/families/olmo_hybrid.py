@@ -51,17 +51,19 @@ class OlmoHybridGatedDeltaNet(GatedDeltaNetMixer):
 class PostNormBlock(BlockHooks):
     """An OLMo attention layer: attention -> norm -> residual add, MLP -> norm -> residual add.
 
-    Hook points: ``hook_resid_pre``, ``attn.hook_out``, ``ln1_post.hook_normalized`` (what is
-    added to the residual stream), ``hook_resid_mid``, ``mlp.*``, ``ln2_post.hook_normalized``,
+    Hook points: ``hook_resid_pre``, ``attn.hook_out``, ``ln1_post.hook_normalized``,
+    ``hook_attn_out`` (the normed attention output, what is added to the residual stream), ``hook_resid_mid``, ``mlp.*``, ``ln2_post.hook_normalized``,
     ``hook_mlp_out`` (the normed MLP output), ``hook_resid_post``.
     """
 
     mixer_name = ATTENTION.container
+    normed_outputs = True
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__(hf_layer, index, context)
         self.attn = AttentionOutputHooks(hf_layer.self_attn)
         self.ln1_post = NormHooks(hf_layer.post_attention_layernorm)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_mid = HookPoint("batch pos d_model")
         self.mlp = mlp_hooks(hf_layer.mlp)
         self.ln2_post = NormHooks(hf_layer.post_feedforward_layernorm)
@@ -70,7 +72,7 @@ class PostNormBlock(BlockHooks):
 
     def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
         residual = self.enter(hidden_states)
-        residual = self.hook_resid_mid(residual + self.ln1_post(self.attn(residual, **kwargs)))
+        residual = self.hook_resid_mid(residual + self.hook_attn_out(self.ln1_post(self.attn(residual, **kwargs))))
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(residual)))
         return self.hook_resid_post(residual + mlp_out)
 
