@@ -29,6 +29,17 @@ from safetensors.torch import save_file
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_save_safetensors", "atomic_dir", "fsync_path"]
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; saved ones get the modes open()/mkdir() would.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file or directory to disk (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
@@ -54,6 +65,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:
@@ -119,6 +131,7 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None], keep_ot
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, _DIR_MODE)
         write(tmp)
         if keep_other_files and target.exists():
             _carry_over(target, tmp)

@@ -62,3 +62,14 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     assert (tmp_path / "d" / "f").read_text() == "1" and not (tmp_path / "d" / "half").exists()
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d", "w.safetensors"]  # no temp files left
+
+
+def test_atomic_saves_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert atomic_write_text(tmp_path / "a.txt", "x").stat().st_mode & 0o777 == expected
+    folder = atomic_dir(tmp_path / "d", lambda d: (d / "f").write_text("1"))
+    assert folder.stat().st_mode & 0o777 == (0o777 & ~umask)
