@@ -1,7 +1,8 @@
 """RecurrentCache: the model's memory after a prefix, to continue, fork, edit, save and load.
 
-Per layer it holds the recurrent state and the short-convolution state (matrix-recurrent layers)
-or the keys and values (attention layers), plus the position it has reached and the attention
+Per layer it holds the recurrent state and the short-convolution state (matrix-recurrent layers),
+the keys and values (attention layers), both (layers that run a recurrence and attention side by
+side, as Falcon-H1's) or nothing (layers that are an MLP only, as some of NemotronH's), plus the position it has reached and the attention
 mask seen so far. It is a transformers ``DynamicCache`` (the HF model reads and updates it as
 usual), with what interpretability work needs on top: independent copies, per-layer and per-head
 state access in the key-by-value layout of docs/design.md §2, batch tiling for forks, and safetensors files.
@@ -33,7 +34,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
 from .files import atomic_save_safetensors
 
@@ -92,10 +93,7 @@ class RecurrentCache(DynamicCache):
         self.signature = model_signature(model)
         self.owner_id = id(model.hf_model)
         self.filled_with = (model.cfg.dtype, str(model.cfg.device))  # the model's dtype and device
-        family = model.architecture
-        self._transposed = {
-            i for i, kind in enumerate(model.cfg.layer_types) if family.layer_kind(kind).transposed_state
-        }
+        self._kinds = [model.architecture.layer_kind(kind) for kind in model.cfg.layer_types]
 
     @property
     def batch_size(self) -> int:
@@ -162,15 +160,14 @@ class RecurrentCache(DynamicCache):
     def _linear(self, layer: int) -> Any:
         entry = self._layer(layer)
         if not isinstance(entry, LinearAttentionCacheLayerMixin):
-            raise ValueError(f"layer {layer} is an attention layer; use cache.keys(layer) / cache.values(layer)")
+            raise ValueError(f"layer {layer} holds no recurrent state; use cache.keys(layer) / cache.values(layer) for attention")
         if not entry.has_previous_state[0]:
             raise ValueError(f"layer {layer} holds no state yet; run some tokens with this cache first")
         return entry
 
     def state(self, layer: int) -> Float[Tensor, "batch head d_k d_v"]:
         """The recurrent state of a layer, key-by-value (a view; edit it with `set_state`)."""
-        state = self._linear(layer).recurrent_states[0]
-        return state.transpose(-1, -2) if layer in self._transposed else state
+        return self._kinds[layer].hooked_state(self._linear(layer).recurrent_states[0])
 
     def set_state(
         self,
@@ -185,8 +182,7 @@ class RecurrentCache(DynamicCache):
             value: ``[batch, head, d_k, d_v]`` (all heads) or ``[d_k, d_v]`` / ``[batch, d_k, d_v]`` (one head).
             head: Head index, or None for all heads.
         """
-        stored = self._linear(layer).recurrent_states[0]
-        target = stored.transpose(-1, -2) if layer in self._transposed else stored
+        target = self.state(layer)
         n_heads = target.shape[1]
         if head is not None and not 0 <= head < n_heads:
             raise IndexError(f"head {head} is out of range: layer {layer} has {n_heads} heads")
@@ -204,8 +200,8 @@ class RecurrentCache(DynamicCache):
     def keys(self, layer: int) -> Float[Tensor, "batch kv_head pos d_head"]:
         """Cached keys of an attention layer."""
         entry = self._layer(layer)
-        if isinstance(entry, LinearAttentionCacheLayerMixin):
-            raise ValueError(f"layer {layer} is matrix-recurrent; use cache.state(layer)")
+        if not isinstance(entry, CacheLayerMixin):
+            raise ValueError(f"layer {layer} holds no keys and values; use cache.state(layer) for a recurrent layer")
         return entry.keys
 
     def values(self, layer: int) -> Float[Tensor, "batch kv_head pos d_head"]:
@@ -239,7 +235,7 @@ class RecurrentCache(DynamicCache):
                     for key, value in store.items():
                         if isinstance(value, Tensor):
                             store[key] = fn(value)
-            elif getattr(entry, "is_initialized", False):
+            if _has_keys(entry):
                 entry.keys, entry.values = fn(entry.keys), fn(entry.values)
         if out.attention_mask is not None:
             out.attention_mask = fn(out.attention_mask)
@@ -274,7 +270,7 @@ class RecurrentCache(DynamicCache):
                     for key, value in store.items():
                         if isinstance(value, Tensor):
                             store[key] = torch.cat([getattr(part, attr)[key] for part in parts])
-            elif getattr(entry, "is_initialized", False):
+            if _has_keys(entry):
                 entry.keys = torch.cat([part.keys for part in parts])
                 entry.values = torch.cat([part.values for part in parts])
         if any(c.attention_mask is not None for c in caches):
@@ -301,18 +297,19 @@ class RecurrentCache(DynamicCache):
         tensors: dict[str, Tensor] = {}
         layers_meta = []
         for i, entry in enumerate(self.layers):
-            if isinstance(entry, LinearAttentionCacheLayerMixin):
-                started = bool(entry.has_previous_state[0])
-                if started:
+            linear, attention = _parts(entry)
+            started = []
+            if linear:
+                started.append(bool(entry.has_previous_state[0]))
+                if started[-1]:
                     tensors[f"{i}.recurrent"] = entry.recurrent_states[0]
                     if entry.conv_states[0] is not None:  # mixers without a short convolution have none
                         tensors[f"{i}.conv"] = entry.conv_states[0]
-                layers_meta.append({"kind": "linear", "started": started})
-            else:
-                started = bool(getattr(entry, "is_initialized", False))
-                if started:
+            if attention:
+                started.append(_has_keys(entry))
+                if started[-1]:
                     tensors[f"{i}.keys"], tensors[f"{i}.values"] = entry.keys, entry.values
-                layers_meta.append({"kind": "attention", "started": started})
+            layers_meta.append({"kind": _KIND_NAMES[linear, attention], "started": all(started)})
         if self.attention_mask is not None:
             tensors["attention_mask"] = self.attention_mask
         meta = {
@@ -347,7 +344,7 @@ class RecurrentCache(DynamicCache):
         for i, (entry, info) in enumerate(zip(cache.layers, meta["layers"])):
             if not info["started"]:
                 continue
-            if info["kind"] == "linear":
+            if info["kind"] in ("linear", "hybrid"):
                 recurrent = entry.recurrent_states[0] = tensors[f"{i}.recurrent"]
                 entry.is_recurrent_states_initialized[0] = entry.has_previous_state[0] = True
                 conv = tensors.get(f"{i}.conv")
@@ -355,7 +352,22 @@ class RecurrentCache(DynamicCache):
                     entry.conv_states[0], entry.conv_kernel_size[0] = conv, conv.shape[-1]
                     entry.is_conv_states_initialized[0] = True
                 entry.dtype, entry.device = recurrent.dtype, recurrent.device
-            else:
+            if info["kind"] in ("attention", "hybrid"):
                 entry.keys, entry.values = tensors[f"{i}.keys"], tensors[f"{i}.values"]
                 entry.is_initialized, entry.device = True, entry.keys.device
         return cache
+
+
+# How `save` names a layer's cache by its parts (linear-attention state, attention keys and values).
+_KIND_NAMES = {(True, False): "linear", (False, True): "attention", (True, True): "hybrid", (False, False): "none"}
+
+
+def _parts(entry: Any) -> tuple[bool, bool]:
+    """Whether an HF cache layer holds a recurrent state, and whether it holds keys and values
+    (a hybrid layer holds both, a dummy layer, of a layer that is an MLP only, neither)."""
+    return isinstance(entry, LinearAttentionCacheLayerMixin), isinstance(entry, CacheLayerMixin)
+
+
+def _has_keys(entry: Any) -> bool:
+    """Whether an HF cache layer holds keys and values already."""
+    return isinstance(entry, CacheLayerMixin) and bool(entry.is_initialized) and entry.keys is not None

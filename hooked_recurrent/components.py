@@ -6,6 +6,8 @@ the HF parameters keep their paths and are never copied.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -98,15 +100,16 @@ class GatedMLPHooks(nn.Module):
 class MLPOutputHooks(nn.Module):
     """Any other MLP (mixtures of experts...), run unchanged; the block hooks its output.
 
-    Modules that return ``(output, router logits)`` give their output only.
+    Modules that return ``(output, router logits)`` give their output only. Arguments after the
+    input (Zamba2's shared MLP takes the layer index) are passed on.
     """
 
     def __init__(self, hf_module: nn.Module) -> None:
         super().__init__()
         self.__dict__["hf"] = hf_module
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.hf(x)
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        out = self.hf(x, *args)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -33,6 +33,7 @@ from .config import HookedRecurrentConfig
 from .families import family_of, text_model_of
 from .hook_points import HookPoint, observer
 from .loading import check_device, check_dtype, load_hf_model
+from .mixers.base import HeadHookList
 from .splicing import SpliceMixin
 
 __all__ = ["HookedRecurrentModel"]
@@ -42,6 +43,7 @@ NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
 PosSlice = Slice | int | slice | tuple | list | Tensor | None
 ModelInput = str | list[str] | Int[Tensor, "batch pos"]
 Loss = Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]
+_PER_HEAD_NAME = re.compile(r"(?P<mixer>.+)\.heads\.(?P<head>\d+)\.hook_(write|state)")
 
 
 class HookedRecurrentModel(SpliceMixin, HookedRootModule):
@@ -155,8 +157,11 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding (TransformerLens orientation: residual direction -> logits)."""
-        return self.hf_model.get_output_embeddings().weight.T
+        """The unembedding (TransformerLens orientation: residual direction -> logits), with the
+        multiplier muP models apply to the logits folded in (Granite 4, Falcon-H1)."""
+        weight = self.hf_model.get_output_embeddings().weight.T
+        multiplier = self.architecture.logit_multiplier(self.hf_model.config)
+        return weight if multiplier == 1.0 else weight * multiplier
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
@@ -398,6 +403,10 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             if not self.architecture.uses_position_ids:
                 raise ValueError(f"{self.cfg.architecture} has no positional encoding; drop position_ids")
             hf_kwargs["position_ids"] = position_ids
+        elif cache is not None and cache.position and self.architecture.uses_position_ids:
+            # Positions continue the cache's (some HF models, as Bamba, count from 0 without them).
+            start = cache.position
+            hf_kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         mask = attention_mask
         if cache is not None:
             cache.check_continuation(self, tokens.shape[0])
@@ -512,6 +521,8 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         """The hook point of a name, or an error listing the closest valid names."""
         # mod_dict, as TransformerLens looks names up there; a module that is not a hook point is refused.
         hook_point = getattr(self, "mod_dict", {}).get(name)
+        if hook_point is None:
+            hook_point = self._build_head_hooks(name)
         if isinstance(hook_point, TLHookPoint):
             return hook_point
         if hook_point is not None:
@@ -521,6 +532,17 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
             what = f"No hook point named {name!r}." + (f" Closest valid names: {', '.join(close)}." if close else "")
         raise KeyError(f"{what} `model.hook_dict` lists all {len(self.hook_dict)} hook points.")
+
+    def _build_head_hooks(self, name: str) -> TLHookPoint | None:
+        """The per-head hook point ``name`` of a mixer with many heads, built on first use
+        (`HeadHookList`); None if ``name`` is no such hook point."""
+        match = _PER_HEAD_NAME.fullmatch(name)
+        heads = getattr(self.mod_dict.get(match["mixer"]), "heads", None) if match else None
+        if not isinstance(heads, HeadHookList) or int(match["head"]) >= len(heads):
+            return None
+        heads[int(match["head"])]
+        self.setup()
+        return self.hook_dict[name]
 
     def add_hook(  # type: ignore[override]
         self,

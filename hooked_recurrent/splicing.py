@@ -349,7 +349,7 @@ class SpliceMixin:
         splice.__dict__["owner"] = self
         if splice.output_hook_name != splice.hook_name:
             self.hook_dict[splice.hook_name].splices.append(splice.capture_input)
-        self.hook_dict[site].splices.append(splice)
+        self._hook_point(site).splices.append(splice)  # builds a per-head hook point not built yet
         self._acts_to_saes[f"new:{id(splice)}"] = splice  # a placeholder key: _rename gives the real one
         self._rename(splice.hook_name)
 

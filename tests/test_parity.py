@@ -49,10 +49,9 @@ def test_write_and_state_hooks_match_reference_recurrence(pair):
         states, reads = recurrence(f)
         assert rel_err(cache[name("hook_state")], states) < 1e-5
         assert rel_err(cache[name("hook_recurrence_out")], reads) < 1e-5
-        # ... and its last position the state HF leaves in its cache (transposed where HF stores [d_v, d_k]).
-        hf_state = hf_cached_state(hf_out.past_key_values, layer)
-        if model.architecture.layer_kind(model.cfg.layer_types[layer]).transposed_state:
-            hf_state = hf_state.transpose(-1, -2)
+        # ... and its last position the state HF leaves in its cache (seen in the hooks' layout).
+        kind = model.architecture.layer_kind(model.cfg.layer_types[layer])
+        hf_state = kind.hooked_state(hf_cached_state(hf_out.past_key_values, layer))
         assert rel_err(cache[name("hook_state")][:, -1], hf_state) < 1e-5
 
 

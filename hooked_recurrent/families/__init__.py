@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from torch import nn
 
+from .bamba import Bamba
 from .base import Family, LayerKind
+from .falcon_h1 import FalconH1
+from .granitemoehybrid import GraniteMoeHybrid
 from .kimi_linear import KimiLinear
 from .mamba2 import Mamba2
 from .minimax import MiniMax
+from .nemotron_h import NemotronH
 from .olmo_hybrid import OlmoHybrid
 from .qwen3_5 import Qwen3_5
 from .qwen3_5_moe import Qwen3_5Moe
 from .qwen3_next import Qwen3Next
+from .zamba2 import Zamba2
 
 __all__ = ["FAMILIES", "Family", "LayerKind", "LAYER_KINDS", "family_of", "text_model_of"]
 
-FAMILIES: list[type[Family]] = [Qwen3_5, Mamba2, Qwen3Next, Qwen3_5Moe, OlmoHybrid, KimiLinear, MiniMax]
+FAMILIES: list[type[Family]] = [
+    Qwen3_5, Mamba2, Qwen3Next, Qwen3_5Moe, OlmoHybrid, KimiLinear, MiniMax,
+    Bamba, NemotronH, GraniteMoeHybrid, FalconH1, Zamba2,
+]  # fmt: skip
 
 # Every layer kind by name (a kind several families share is the same object).
 LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for family in FAMILIES for kind in family.layer_kinds}

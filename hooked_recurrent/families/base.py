@@ -15,7 +15,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..config import HookedRecurrentConfig
@@ -23,7 +23,7 @@ from ..config import HookedRecurrentConfig
 if TYPE_CHECKING:
     from ..blocks import RunContext
 
-__all__ = ["LayerKind", "Family", "ATTENTION", "TINY", "base_config", "prepends_bos"]
+__all__ = ["LayerKind", "Family", "ATTENTION", "TINY", "base_config", "attention_fields", "prepends_bos"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class LayerKind:
         container: Name of the mixer's hook container inside ``blocks.{l}``, e.g. ``"linear_attn"``.
         recurrent: Whether it is matrix-recurrent (has write and state hooks).
         state_layout: How the HF cache stores one head's state: ``"key_value"`` (``[d_k, d_v]``,
-            the layout of the hooks) or ``"value_key"`` (``[d_v, d_k]``, as transformers' Mamba-2).
+            the layout of the hooks), ``"value_key"`` (``[d_v, d_k]``, as transformers' Mamba-2)
+            or ``"key"`` (``[d_k]``: a head with ``d_v = 1``, as transformers' Mamba-1 channels).
     """
 
     name: str
@@ -43,10 +44,14 @@ class LayerKind:
     recurrent: bool
     state_layout: str = "key_value"
 
-    @property
-    def transposed_state(self) -> bool:
-        """Whether the HF cache holds the transpose of the hooks' ``[d_k, d_v]`` state."""
-        return self.state_layout == "value_key"
+    def hooked_state(self, stored: Tensor) -> Tensor:
+        """A view of states as the HF cache stores them (``[..., head, ...]``) in the hooks'
+        key-by-value layout ``[..., head, d_k, d_v]``; writing into the view writes the cache."""
+        if self.state_layout == "value_key":
+            return stored.transpose(-1, -2)
+        if self.state_layout == "key":
+            return stored.unsqueeze(-1)
+        return stored
 
 
 ATTENTION = LayerKind("attention", "attn", recurrent=False)
@@ -123,6 +128,11 @@ class Family:
         return causal.to(next(hf_model.parameters()).device)
 
     @classmethod
+    def logit_multiplier(cls, config: PretrainedConfig) -> float:
+        """What the HF causal LM multiplies its unembedding's output by (muP models); folded into ``model.W_U``."""
+        return 1.0
+
+    @classmethod
     def layer_kind(cls, name: str) -> LayerKind:
         for kind in cls.layer_kinds:
             if kind.name == name:
@@ -181,6 +191,13 @@ def base_config(hf_model: nn.Module, model_name: str, tokenizer: Any, **fields: 
         default_prepend_bos=prepends_bos(tokenizer),
         **fields,
     )
+
+
+def attention_fields(config: PretrainedConfig) -> dict[str, Any]:
+    """The attention fields of `HookedRecurrentConfig` from an HF config's usual names."""
+    c = config
+    heads = c.num_attention_heads
+    return dict(n_attn_heads=heads, n_kv_heads=c.num_key_value_heads, d_head=getattr(c, "head_dim", None) or c.hidden_size // heads)
 
 
 def _transformers_class(name: str) -> type:

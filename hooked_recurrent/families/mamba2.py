@@ -20,9 +20,16 @@ from ..hook_points import HookPoint
 from ..mixers.mamba2 import Mamba2Mixer
 from .base import TINY, Family, LayerKind, base_config
 
-__all__ = ["MAMBA2", "Mamba2Block", "Mamba2"]
+__all__ = ["MAMBA2", "Mamba2Block", "Mamba2", "mamba2_fields"]
 
 MAMBA2 = LayerKind("mamba2", "mixer", recurrent=True, state_layout="value_key")
+
+
+def mamba2_fields(hf_mixer: nn.Module) -> dict[str, Any]:
+    """The `HookedRecurrentConfig` fields of a transformers Mamba-2 mixer (every host's mixer has
+    these attributes: Mamba-2, Bamba, NemotronH, Granite 4, Falcon-H1, Zamba2)."""
+    m = hf_mixer
+    return dict(n_heads=m.num_heads, d_k=m.ssm_state_size, d_v=m.head_dim, n_groups=m.n_groups, conv_kernel=m.conv_kernel_size)
 
 
 class Mamba2Block(BlockHooks):
@@ -69,18 +76,8 @@ class Mamba2(Family):
 
     @classmethod
     def describe(cls, hf_model: nn.Module, model_name: str, tokenizer: Any = None) -> HookedRecurrentConfig:
-        c = hf_model.config
-        return base_config(
-            hf_model,
-            model_name,
-            tokenizer,
-            layer_types=[MAMBA2.name] * c.num_hidden_layers,
-            n_heads=c.num_heads,
-            d_k=c.state_size,
-            d_v=c.head_dim,
-            n_groups=c.n_groups,
-            conv_kernel=c.conv_kernel,
-        )
+        layer_types = [MAMBA2.name] * hf_model.config.num_hidden_layers
+        return base_config(hf_model, model_name, tokenizer, layer_types=layer_types, **mamba2_fields(cls.layers(hf_model)[0].mixer))
 
     @classmethod
     def tiny_config(cls, **overrides: Any) -> Mamba2Config:

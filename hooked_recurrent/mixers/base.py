@@ -18,7 +18,8 @@ Semantics (documented on the hook points too):
   later positions are recomputed before the next hook (a caching hook added after an editing
   hook sees the edited trajectory).
 - ``heads.{h}.hook_write`` / ``heads.{h}.hook_state`` are one head's slices; they run after the
-  all-head hook point and are materialised only for hooked heads.
+  all-head hook point and are materialised only for hooked heads. Mixers with more than
+  `HeadHookList.EAGER_HEADS` heads build a head's hook points only when they are first named.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .replay import LaneGroup, RecurrenceFactors, WriteEdits, apply_one_by_one, 
 if TYPE_CHECKING:
     from ..blocks import RunContext
 
-__all__ = ["RecurrenceFactors", "HeadHooks", "MatrixRecurrentMixer"]
+__all__ = ["RecurrenceFactors", "HeadHooks", "HeadHookList", "MatrixRecurrentMixer"]
 
 
 class HeadHooks(nn.Module):
@@ -47,6 +48,44 @@ class HeadHooks(nn.Module):
         super().__init__()
         self.hook_write = HookPoint("batch pos d_k d_v")
         self.hook_state = HookPoint("batch pos d_k d_v")
+
+
+class HeadHookList(nn.Module):
+    """The per-head hook containers ``heads.{h}`` of one mixer.
+
+    Up to `EAGER_HEADS` heads they are all built with the mixer, so ``model.hook_dict`` lists them.
+    A mixer with more heads (Mamba-1 exposes each of its thousands of channels as a head) builds a
+    head's hook points when they are first named (`HookedRecurrentModel` asks for them through
+    `__getitem__`): thousands of hook points nobody uses would cost seconds to build and time at
+    every forward to check.
+
+    Args:
+        n_heads: The mixer's heads.
+    """
+
+    EAGER_HEADS = 64
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        if n_heads <= self.EAGER_HEADS:
+            for head in range(n_heads):
+                self.add_module(str(head), HeadHooks())
+
+    def __len__(self) -> int:
+        return self.n_heads
+
+    def __getitem__(self, head: int) -> HeadHooks:
+        """Head ``head``'s hook container, built if it was not yet."""
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} is out of range: this layer has heads 0..{self.n_heads - 1}")
+        if str(head) not in self._modules:
+            self.add_module(str(head), HeadHooks())
+        return self._modules[str(head)]
+
+    def built(self) -> list[tuple[int, HeadHooks]]:
+        """``(head, hook container)`` of the heads whose hook points exist."""
+        return [(int(name), hooks) for name, hooks in self._modules.items()]
 
 
 class MatrixRecurrentMixer(nn.Module):
@@ -92,7 +131,7 @@ class MatrixRecurrentMixer(nn.Module):
         self.hook_write = HookPoint("batch pos head d_k d_v")
         self.hook_state = HookPoint("batch pos head d_k d_v")
         self.hook_recurrence_out = HookPoint("batch pos head d_v")
-        self.heads = nn.ModuleList(HeadHooks() for _ in range(n_heads))
+        self.heads = HeadHookList(n_heads)
 
     @property
     def output_projection(self) -> nn.Linear:
@@ -168,7 +207,7 @@ class MatrixRecurrentMixer(nn.Module):
     def _looks_at_factors(self) -> bool:
         points = [self.hook_write_key, self.hook_write_value, self.hook_read_query]
         points += [self.hook_write, self.hook_state]
-        points += [p for h in self.heads for p in (h.hook_write, h.hook_state)]
+        points += [p for _, h in self.heads.built() for p in (h.hook_write, h.hook_state)]
         return any(p.has_fwd_hooks() for p in points)
 
     def recur(
@@ -231,7 +270,7 @@ class MatrixRecurrentMixer(nn.Module):
         without_states.run(return_states=False)
         if with_states.size:
             with_states.run(return_states=True)
-            state_edited = self._fire_state_hooks(with_states, state_heads, batch)
+            state_edited = self._fire_state_hooks(with_states, batch)
             edited = edited | state_edited
 
         # Lanes nobody edited keep the native kernel's result bit for bit.
@@ -250,28 +289,23 @@ class MatrixRecurrentMixer(nn.Module):
     def _state_hooked_heads(self) -> list[int]:
         if self.hook_state.has_fwd_hooks():
             return list(range(self.n_heads))
-        return [h for h, hooks in enumerate(self.heads) if hooks.hook_state.has_fwd_hooks()]
+        return [h for h, hooks in self.heads.built() if hooks.hook_state.has_fwd_hooks()]
 
     def _fire_write_hooks(self, writes: WriteEdits) -> None:
         """Materialise the writes of hooked heads, fire the write hooks, record what changed."""
         if self.hook_write.has_fwd_hooks():
             dense = outer(writes.key, writes.value)
-            dense, changed = fire(self.hook_write, dense, 2)
-            for h in range(self.n_heads):
-                writes.dense[h] = dense[:, :, h]
+            writes.all_heads, changed = fire(self.hook_write, dense, 2)
             writes.mark(changed)
-        for h, hooks in enumerate(self.heads):
+        for h, hooks in self.heads.built():
             if not hooks.hook_write.has_fwd_hooks():
                 continue
-            base = writes.dense.get(h)
-            if base is None:
-                base = outer(writes.key[:, :, h], writes.value[:, :, h])
-            dense, changed = fire(hooks.hook_write, base, 2)
+            dense, changed = fire(hooks.hook_write, writes.of_head(h), 2)
             writes.dense[h] = dense
             if changed is not None:
                 writes.mark_head(h, changed)
 
-    def _fire_state_hooks(self, group: LaneGroup, heads: list[int], batch: int) -> Bool[Tensor, "batch head"]:
+    def _fire_state_hooks(self, group: LaneGroup, batch: int) -> Bool[Tensor, "batch head"]:
         """Fire the state hooks one by one, recomputing later states after each edit."""
         edited = torch.zeros(batch, self.n_heads, dtype=torch.bool, device=group.device)
 
@@ -281,12 +315,14 @@ class MatrixRecurrentMixer(nn.Module):
 
         # [batch pos head d_k d_v]
         apply_one_by_one(self.hook_state, lambda: group.states_by_head(batch, self.n_heads), replace_all)
-        for h in heads:
+        for h, hooks in self.heads.built():
+            if not hooks.hook_state.has_fwd_hooks():
+                continue
 
             def replace_head(changed: Tensor, after: Tensor, h: int = h) -> None:  # changed [batch pos]
                 group.replace_head_states(h, changed, after)
                 edited[:, h] |= changed.any(1)
 
             # [batch pos d_k d_v]
-            apply_one_by_one(self.heads[h].hook_state, lambda h=h: group.head_states(h, batch), replace_head)
+            apply_one_by_one(hooks.hook_state, lambda h=h: group.head_states(h, batch), replace_head)
         return edited

@@ -52,7 +52,9 @@ class Mamba2Mixer(MatrixRecurrentMixer):
     """Hook points of one Mamba-2 mixer; the block calls it in place of the HF module.
 
     It reads the attribute names transformers' Mamba-2 mixers share (``in_proj``, ``conv1d``,
-    ``A_log``, ``dt_bias``, ``D``, ``norm``, ``out_proj``...).
+    ``A_log``, ``dt_bias``, ``D``, ``norm``, ``out_proj``...): Mamba-2's, Bamba's, NemotronH's,
+    Granite 4's and Zamba2's compute exactly this. A family whose mixer scales its projections or
+    gates its output otherwise (Falcon-H1) overrides `project` and `gated_norm`.
 
     Args:
         hf_module: The ``Mamba2Mixer`` it computes with (a plain reference, not re-registered).
@@ -76,6 +78,16 @@ class Mamba2Mixer(MatrixRecurrentMixer):
     def output_projection(self) -> nn.Linear:
         return self.hf.out_proj
 
+    def project(self, hidden_states: Tensor) -> Float[Tensor, "batch pos channel"]:
+        """The input projection: gate, x, B, C and dt side by side."""
+        return self.hf.in_proj(hidden_states)
+
+    def gated_norm(
+        self, scan_output: Float[Tensor, "batch pos inner"], gate: Float[Tensor, "batch pos inner"]
+    ) -> Float[Tensor, "batch pos inner"]:
+        """The gated RMSNorm of the heads' outputs (reads plus skip) before the output projection."""
+        return self.hf.norm(scan_output, gate)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -94,7 +106,7 @@ class Mamba2Mixer(MatrixRecurrentMixer):
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         attention_mask = self.padding_mask(attention_mask)
         hidden_states = mask_padding(hidden_states, attention_mask)
-        projected = m.in_proj(hidden_states)
+        projected = self.project(hidden_states)
         A = -torch.exp(m.A_log.to(compute_dtype))
         gate, xBC, dt = projected.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
         gate = self.hook_gate_input(gate.reshape(batch, length, heads, head_dim)).reshape(batch, length, -1)
@@ -172,7 +184,7 @@ class Mamba2Mixer(MatrixRecurrentMixer):
         """The gated group norm of the reads (plus the D skip) and the output projection."""
         m = self.hf
         batch, length = core_out.shape[:2]
-        normed = m.norm(core_out.reshape(batch, length, -1), gate.reshape(batch, length, -1))
+        normed = self.gated_norm(core_out.reshape(batch, length, -1), gate.reshape(batch, length, -1))
         return m.out_proj(normed.to(m.out_proj.weight.dtype))
 
     def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,8 @@ class WriteEdits:
     def __init__(self, key: Tensor, value: Tensor, factor_edits: Tensor | None) -> None:
         self.key, self.value = key, value
         self.mask = factor_edits  # [batch pos head] or None
-        self.dense: dict[int, Tensor] = {}  # head -> [batch pos d_k d_v] after the write hooks
+        self.all_heads: Tensor | None = None  # [batch pos head d_k d_v] after the all-head write hook
+        self.dense: dict[int, Tensor] = {}  # head -> [batch pos d_k d_v] after its per-head write hook
 
     def mark(self, changed: Tensor | None) -> None:
         if changed is not None:
@@ -79,9 +80,20 @@ class WriteEdits:
     def lanes(self) -> Tensor | None:
         return None if self.mask is None else self.mask.any(1)
 
+    def of_head(self, head: int) -> Float[Tensor, "batch pos d_k d_v"]:
+        """One head's writes after the hooks fired so far."""
+        if head in self.dense:
+            return self.dense[head]
+        if self.all_heads is not None:
+            return self.all_heads[:, :, head]
+        return outer(self.key[:, :, head], self.value[:, :, head])
+
     def at(self, position: int, b_idx: Tensor, h_idx: Tensor) -> Float[Tensor, "lane d_k d_v"]:
         """The replacement writes of some lanes at one position."""
-        out = outer(self.key[b_idx, position, h_idx], self.value[b_idx, position, h_idx])
+        if self.all_heads is not None:
+            out = self.all_heads[b_idx, position, h_idx]
+        else:
+            out = outer(self.key[b_idx, position, h_idx], self.value[b_idx, position, h_idx])
         for h, dense in self.dense.items():
             rows = (h_idx == h).nonzero().flatten()
             if len(rows):
