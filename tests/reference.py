@@ -6,6 +6,8 @@ docs/design.md §2, per batch element and head, state S of shape [d_k, d_v]::
     D_t(S) = (I - e_t k_t k_t^T) A_t S,  A_t = exp(g_t) (one number) or diag(exp(g_t)) (g_t of width d_k)
     Gated DeltaNet: e_t = beta_t, u_t = beta_t v_t
     Mamba-2:        no erase, g_t = dt_t A_h, k_t = B_t, u_t = dt_t x_t, q_t = C_t
+    Mamba-1:        one head per channel c (d_v = 1), g_t = dt_t[c] A[c] (per key channel), k_t = B_t,
+                    u_t = dt_t[c] x_t[c], q_t = C_t
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def mamba2_factors(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, A: Tensor) -> Fa
     )
 
 
+def mamba1_factors(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, A: Tensor) -> Factors:
+    """Mamba-1 factors, each channel a head with d_v = 1, from x and dt [b,t,channel], B and C
+    [b,t,n] (shared by every channel) and A [channel, n]: a decay per key channel dt_c A_c."""
+    x, B, C, dt, A = (v.to(F64) for v in (x, B, C, dt, A))
+    heads = x.shape[2]
+    return Factors(
+        query=C[:, :, None].expand(-1, -1, heads, -1),
+        key=B[:, :, None].expand(-1, -1, heads, -1),
+        value=(dt * x)[..., None],
+        log_decay=dt[..., None] * A,
+        erase=None,
+    )
+
+
 def linear_attention_factors(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Factors:
     """Linear attention with a decay (MiniMax's lightning attention): S_t = exp(g_t) S_{t-1} + k_t v_t^T."""
     q, k, v, g = (x.to(F64) for x in (q, k, v, g))
@@ -76,6 +92,10 @@ REFERENCES: dict[str, tuple[tuple[str, ...], Callable[..., Factors]]] = {
     "mamba2": (
         ("hook_x", "hook_B", "hook_C", "hook_dt"),
         lambda mixer, *v: mamba2_factors(*v, -torch.exp(mixer.hf.A_log.detach().to(F64))),
+    ),
+    "mamba1": (
+        ("hook_x", "hook_B", "hook_C", "hook_dt"),
+        lambda mixer, *v: mamba1_factors(*v, -torch.exp(mixer.hf.A_log.detach().to(F64))),
     ),
     "lightning_attention": (("hook_q", "hook_k", "hook_v", "hook_log_decay"), lambda mixer, *v: linear_attention_factors(*v)),
 }

@@ -174,3 +174,31 @@ def test_mamba2_hook_points_and_shapes():
     assert (cfg.layer_types, cfg.d_k, cfg.d_v, cfg.n_groups) == (["mamba2"] * 3, 16, 12, 2)
     # Group g's B is broadcast to its heads.
     torch.testing.assert_close(cache[m + "hook_write_key"][:, :, 3], cache[m + "hook_B"][:, :, 1])
+
+
+@torch.no_grad()
+def test_mamba1_channels_are_heads_whose_hook_points_are_built_when_named():
+    model, _ = tiny_pair("tiny-random:jamba")
+    cfg = model.cfg
+    m = "blocks.1.mixer."
+    # 80 channels: no per-head hook point exists until one is named.
+    assert (cfg.n_heads, cfg.d_k, cfg.d_v, cfg.layer_types) == (80, 8, 1, ["mamba1", "mamba1", "attention", "mamba1"])
+    assert not any(".heads." in name for name in model.hook_dict)
+    names = [m + h for h in ("hook_B", "hook_dt", "hook_log_decay", "hook_write_key", "hook_write", "hook_state")]
+    _, cache = model.run_with_cache(random_tokens(2, 7), names_filter=[*names, m + "heads.5.hook_state"])
+    assert m + "heads.5.hook_state" in model.hook_dict and m + "heads.6.hook_state" not in model.hook_dict
+    expected = {
+        "hook_B": (2, 7, cfg.d_k),
+        "hook_dt": (2, 7, cfg.n_heads),
+        "hook_log_decay": (2, 7, cfg.n_heads, cfg.d_k),
+        "hook_write": (2, 7, cfg.n_heads, cfg.d_k, 1),
+        "heads.5.hook_state": (2, 7, cfg.d_k, 1),
+    }
+    for name, shape in expected.items():
+        assert tuple(cache[m + name].shape) == shape, name
+    torch.testing.assert_close(cache[m + "heads.5.hook_state"], cache[m + "hook_state"][:, :, 5])
+    # Every channel's key is the layer's B, so the layer's writes together are rank-1: B_t (dt_t x_t)^T.
+    torch.testing.assert_close(cache[m + "hook_write_key"][:, :, 17], cache[m + "hook_B"])
+    assert torch.linalg.matrix_rank(cache[m + "hook_write"][1, 4, :, :, 0]) == 1
+    with pytest.raises(KeyError, match="heads.80"):
+        model.run_with_hooks(random_tokens(1, 3), fwd_hooks=[(m + "heads.80.hook_state", lambda x, hook: x)])

@@ -13,6 +13,7 @@ from .bamba import Bamba
 from .base import Family, LayerKind
 from .falcon_h1 import FalconH1
 from .granitemoehybrid import GraniteMoeHybrid
+from .jamba import Jamba
 from .kimi_linear import KimiLinear
 from .mamba2 import Mamba2
 from .minimax import MiniMax
@@ -27,7 +28,7 @@ __all__ = ["FAMILIES", "Family", "LayerKind", "LAYER_KINDS", "family_of", "text_
 
 FAMILIES: list[type[Family]] = [
     Qwen3_5, Mamba2, Qwen3Next, Qwen3_5Moe, OlmoHybrid, KimiLinear, MiniMax,
-    Bamba, NemotronH, GraniteMoeHybrid, FalconH1, Zamba2,
+    Bamba, NemotronH, GraniteMoeHybrid, FalconH1, Zamba2, Jamba,
 ]  # fmt: skip
 
 # Every layer kind by name (a kind several families share is the same object).
