@@ -14,6 +14,8 @@ Usage::
     python benchmarks/bench_hooks.py --arch mamba2    # Mamba-2, head_dim 64, d_state 128, 32 heads
     python benchmarks/bench_hooks.py --arch kimi_linear   # Kimi Delta Attention (decay per key channel), 16 x 128
     python benchmarks/bench_hooks.py --arch minimax   # MiniMax lightning attention (fixed decays), 8 heads x 128
+    python benchmarks/bench_hooks.py --arch bamba     # Bamba (a Mamba-2 host): Mamba-2 widths, MLPs, 1 attention layer
+    python benchmarks/bench_hooks.py --arch jamba     # Jamba (Mamba-1): 2048 channels of d_state 16, 1 attention layer
     python benchmarks/bench_hooks.py --device cuda --dtype bfloat16
 
 The models have realistic widths but few layers and random weights; timings are medians.
@@ -72,6 +74,24 @@ def build_hf(arch: str, dtype: torch.dtype, layers: int):
             num_experts_per_tok=1, layer_types=["linear_attention"] * (layers - 1) + ["full_attention"],
         )
         return MiniMaxForCausalLM(config).to(dtype).eval()
+    if arch == "bamba":
+        from transformers import BambaConfig, BambaForCausalLM
+
+        config = BambaConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
+            attn_layer_indices=[layers // 2], num_attention_heads=8, num_key_value_heads=2, mamba_n_heads=32,
+            mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_chunk_size=256,
+        )
+        return BambaForCausalLM(config).to(dtype).eval()
+    if arch == "jamba":
+        from transformers import JambaConfig, JambaForCausalLM
+
+        config = JambaConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
+            attn_layer_period=layers, attn_layer_offset=layers // 2, num_experts=1, num_attention_heads=8,
+            num_key_value_heads=2, mamba_d_state=16, mamba_expand=2,
+        )
+        return JambaForCausalLM(config).to(dtype).eval()
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(
@@ -154,17 +174,20 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
 def recurrence_only(args: argparse.Namespace) -> dict[str, float]:
     """Naive token loop vs the edit path (chunked stretches split at 3 edited positions)."""
     lanes, length, d_k, d_v = args.batch * 16, args.length, 128, 128
-    if args.arch == "mamba2":
+    chunk_size = 64
+    if args.arch in ("mamba2", "bamba"):
         lanes, d_k, d_v = args.batch * 32, 128, 64
     if args.arch == "minimax":
         lanes = args.batch * 8
+    if args.arch == "jamba":  # one lane per channel, a decay per key channel, the mixer's token loop
+        lanes, d_k, d_v, chunk_size = args.batch * 2048, 16, 1, 1
     g = torch.Generator().manual_seed(0)
     device = args.device
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    decay_shape = (lanes, length, d_k) if args.arch == "kimi_linear" else (lanes, length)
+    decay_shape = (lanes, length, d_k) if args.arch in ("kimi_linear", "jamba") else (lanes, length)
     inputs = RecurrenceInputs(
         query=rand(lanes, length, d_k) * d_k**-0.5,
         key=torch.nn.functional.normalize(rand(lanes, length, d_k), dim=-1),
@@ -184,7 +207,7 @@ def recurrence_only(args: argparse.Namespace) -> dict[str, float]:
         return state
 
     def edit_path():
-        return run_recurrence(inputs, initial, edits=edits).final_state
+        return run_recurrence(inputs, initial, edits=edits, chunk_size=chunk_size).final_state
 
     with torch.no_grad():
         torch.testing.assert_close(naive(), edit_path(), rtol=1e-3, atol=1e-3)
@@ -255,7 +278,8 @@ def memory(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["qwen3.5", "mamba2", "kimi_linear", "minimax"], default="qwen3.5")
+    archs = ["qwen3.5", "mamba2", "kimi_linear", "minimax", "bamba", "jamba"]
+    parser.add_argument("--arch", choices=archs, default="qwen3.5")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--length", type=int, default=1024)

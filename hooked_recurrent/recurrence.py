@@ -122,7 +122,9 @@ def chunked_scan(
         initial_state: State before the first position.
         chunk_size: Positions per chunk (clipped to the sequence length). A diagonal decay holds
             ``chunk_size * d_k`` numbers per position (the decay between every pair of
-            positions of a chunk, per channel), so mixers with tiny states pick small chunks.
+            positions of a chunk, per channel), so mixers with tiny states pick small chunks;
+            1 runs a loop over positions, the fastest form for states of a few numbers per lane
+            (Mamba-1's ``d_k x 1``).
         return_states: Also return the state after every position (memory ``pos * d_k * d_v``).
 
     Returns:
@@ -138,6 +140,8 @@ def chunked_scan(
         states = inputs.value.new_zeros(lanes, 0, d_k, d_v) if return_states else None
         return RecurrenceResult(empty, initial_state, states)
     chunk = max(1, min(chunk_size, length))
+    if chunk == 1:
+        return _token_scan(inputs, initial_state, return_states)
     pad = (-length) % chunk
     n_chunks = (length + pad) // chunk
 
@@ -305,6 +309,42 @@ def _poisoned_scan(
     return RecurrenceResult(output, final_state, states)
 
 
+def _decayed(inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int) -> Float[Tensor, "lane d_k d_v"]:
+    """``D_t(S_{t-1})``: the decay, then the erase along the key."""
+    alpha = inputs.log_decay[:, position].exp()
+    state = state * (alpha[:, :, None] if inputs.per_channel_decay else alpha[:, None, None])
+    if inputs.erase is not None:
+        k = inputs.key[:, position]
+        state = state - inputs.erase[:, position, None, None] * k[:, :, None] * (k[:, None, :] @ state)
+    return state
+
+
+def _write(inputs: RecurrenceInputs, position: int) -> Float[Tensor, "lane d_k d_v"]:
+    """The native write ``k_t u_t^T``."""
+    return inputs.key[:, position, :, None] * inputs.value[:, position, None, :]
+
+
+def _read(inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int) -> Float[Tensor, "lane d_v"]:
+    """``S_t^T q_t``."""
+    return (state * inputs.query[:, position, :, None]).sum(-2)
+
+
+def _token_scan(
+    inputs: RecurrenceInputs, initial_state: Float[Tensor, "lane d_k d_v"], return_states: bool
+) -> RecurrenceResult:
+    """The recurrence one position at a time (see `chunked_scan`'s ``chunk_size``)."""
+    state = initial_state
+    outputs, states = [], []
+    for position in range(inputs.length):
+        state = _decayed(inputs, state, position) + _write(inputs, position)
+        outputs.append(_read(inputs, state, position))
+        if return_states:
+            states.append(state)
+    return RecurrenceResult(
+        torch.stack(outputs, dim=1), state, torch.stack(states, dim=1) if return_states else None
+    )
+
+
 def step(
     inputs: RecurrenceInputs,
     state: Float[Tensor, "lane d_k d_v"],
@@ -316,18 +356,14 @@ def step(
     Returns:
         ``(o_t, S_t)``.
     """
-    q, k, u = inputs.query[:, position], inputs.key[:, position], inputs.value[:, position]
-    alpha = inputs.log_decay[:, position].exp()
-    state = state * (alpha[:, :, None] if inputs.per_channel_decay else alpha[:, None, None])
-    if inputs.erase is not None:
-        state = state - inputs.erase[:, position, None, None] * k[:, :, None] * (k[:, None, :] @ state)
-    write = k[:, :, None] * u[:, None, :]
+    state = _decayed(inputs, state, position)
+    write = _write(inputs, position)
     if edit is not None and edit.write is not None:
         write = torch.where(edit.write_lanes[:, None, None], edit.write.to(write.dtype), write)
     state = state + write
     if edit is not None and edit.state is not None:
         state = torch.where(edit.state_lanes[:, None, None], edit.state.to(state.dtype), state)
-    return (state * q[:, :, None]).sum(-2), state
+    return _read(inputs, state, position), state
 
 
 def run_recurrence(

@@ -33,7 +33,7 @@ def as_factors(x: RecurrenceInputs) -> Factors:
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-decay", "per-channel-decay"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta-rule", "no-erase"])
-@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("chunk", [1, 16, 64])  # 1: the loop over positions
 def test_chunked_scan_equals_reference(erase, chunk, per_channel):
     x = lane_inputs(erase=erase, per_channel=per_channel)
     initial = torch.randn(3, 8, 12, dtype=F64)

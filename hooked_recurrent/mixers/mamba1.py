@@ -74,9 +74,9 @@ class Mamba1Mixer(MatrixRecurrentMixer):
 
     def __init__(self, hf_module: nn.Module, context: Any = None) -> None:
         m = hf_module
-        # Short chunks: a decay per key channel costs chunk * d_state numbers per lane and position
-        # when recomputed here, and a Mamba-1 layer has one lane per channel.
-        super().__init__(m, context, m.intermediate_size, m.ssm_state_size, 1, chunk_size=16, per_channel_decay=True)
+        # Recomputed one position at a time: a lane's state is d_state numbers, for which the
+        # chunk-parallel form's pairwise decays cost far more than they save.
+        super().__init__(m, context, m.intermediate_size, m.ssm_state_size, 1, chunk_size=1, per_channel_decay=True)
         self.hook_x_pre_conv = HookPoint("batch pos head")
         self.hook_gate_input = HookPoint("batch pos head")
         self.hook_x = HookPoint("batch pos head")
