@@ -2,8 +2,8 @@
 
 Per layer it holds the recurrent state and the short-convolution state (matrix-recurrent layers),
 the keys and values (attention layers), both (layers that run a recurrence and attention side by
-side, as Falcon-H1's) or nothing (layers that are an MLP only, as some of NemotronH's), plus the position it has reached and the attention
-mask seen so far. It is a transformers ``DynamicCache`` (the HF model reads and updates it as
+side, as Falcon-H1's) or nothing (layers that are an MLP only, as some of NemotronH's), plus the
+position it has reached and the attention mask seen so far. It is a transformers ``DynamicCache`` (the HF model reads and updates it as
 usual), with what interpretability work needs on top: independent copies, per-layer and per-head
 state access in the key-by-value layout of docs/design.md §2, batch tiling for forks, and safetensors files.
 
@@ -160,7 +160,9 @@ class RecurrentCache(DynamicCache):
     def _linear(self, layer: int) -> Any:
         entry = self._layer(layer)
         if not isinstance(entry, LinearAttentionCacheLayerMixin):
-            raise ValueError(f"layer {layer} holds no recurrent state; use cache.keys(layer) / cache.values(layer) for attention")
+            raise ValueError(
+                f"layer {layer} holds no recurrent state; use cache.keys(layer) / cache.values(layer) for attention"
+            )
         if not entry.has_previous_state[0]:
             raise ValueError(f"layer {layer} holds no state yet; run some tokens with this cache first")
         return entry

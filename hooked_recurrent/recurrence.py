@@ -309,7 +309,9 @@ def _poisoned_scan(
     return RecurrenceResult(output, final_state, states)
 
 
-def _decayed(inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int) -> Float[Tensor, "lane d_k d_v"]:
+def _decayed(
+    inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int
+) -> Float[Tensor, "lane d_k d_v"]:
     """``D_t(S_{t-1})``: the decay, then the erase along the key."""
     alpha = inputs.log_decay[:, position].exp()
     state = state * (alpha[:, :, None] if inputs.per_channel_decay else alpha[:, None, None])
@@ -324,7 +326,9 @@ def _write(inputs: RecurrenceInputs, position: int) -> Float[Tensor, "lane d_k d
     return inputs.key[:, position, :, None] * inputs.value[:, position, None, :]
 
 
-def _read(inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int) -> Float[Tensor, "lane d_v"]:
+def _read(
+    inputs: RecurrenceInputs, state: Float[Tensor, "lane d_k d_v"], position: int
+) -> Float[Tensor, "lane d_v"]:
     """``S_t^T q_t``."""
     return (state * inputs.query[:, position, :, None]).sum(-2)
 

@@ -195,9 +195,9 @@ def base_config(hf_model: nn.Module, model_name: str, tokenizer: Any, **fields: 
 
 def attention_fields(config: PretrainedConfig) -> dict[str, Any]:
     """The attention fields of `HookedRecurrentConfig` from an HF config's usual names."""
-    c = config
-    heads = c.num_attention_heads
-    return dict(n_attn_heads=heads, n_kv_heads=c.num_key_value_heads, d_head=getattr(c, "head_dim", None) or c.hidden_size // heads)
+    heads = config.num_attention_heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return dict(n_attn_heads=heads, n_kv_heads=config.num_key_value_heads, d_head=d_head)
 
 
 def _transformers_class(name: str) -> type:

@@ -60,7 +60,9 @@ class GraniteMoeHybridBlock(BlockHooks):
         self.hook_mlp_out = HookPoint("batch pos d_model")
         self.hook_resid_post = HookPoint("batch pos d_model")
 
-    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         """Same computation as ``GraniteMoeHybridDecoderLayer.forward``, with hooks."""
         multiplier = self.hf.residual_multiplier
         residual = self.enter(hidden_states)

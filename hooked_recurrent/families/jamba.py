@@ -53,7 +53,9 @@ class Jamba(Family):
             kind, mixer = MAMBA1, JambaMamba1Mixer(hf_layer.mamba, context)
         else:
             kind, mixer = ATTENTION, AttentionOutputHooks(hf_layer.self_attn)
-        return PreNormBlock(hf_layer, index, context, kind.container, mixer, norm2="pre_ff_layernorm", mlp="feed_forward")
+        return PreNormBlock(
+            hf_layer, index, context, kind.container, mixer, norm2="pre_ff_layernorm", mlp="feed_forward"
+        )
 
     @classmethod
     def describe(cls, hf_model: nn.Module, model_name: str, tokenizer: Any = None) -> HookedRecurrentConfig:

@@ -29,7 +29,9 @@ def mamba2_fields(hf_mixer: nn.Module) -> dict[str, Any]:
     """The `HookedRecurrentConfig` fields of a transformers Mamba-2 mixer (every host's mixer has
     these attributes: Mamba-2, Bamba, NemotronH, Granite 4, Falcon-H1, Zamba2)."""
     m = hf_mixer
-    return dict(n_heads=m.num_heads, d_k=m.ssm_state_size, d_v=m.head_dim, n_groups=m.n_groups, conv_kernel=m.conv_kernel_size)
+    return dict(
+        n_heads=m.num_heads, d_k=m.ssm_state_size, d_v=m.head_dim, n_groups=m.n_groups, conv_kernel=m.conv_kernel_size
+    )
 
 
 class Mamba2Block(BlockHooks):
@@ -77,7 +79,8 @@ class Mamba2(Family):
     @classmethod
     def describe(cls, hf_model: nn.Module, model_name: str, tokenizer: Any = None) -> HookedRecurrentConfig:
         layer_types = [MAMBA2.name] * hf_model.config.num_hidden_layers
-        return base_config(hf_model, model_name, tokenizer, layer_types=layer_types, **mamba2_fields(cls.layers(hf_model)[0].mixer))
+        mixer_fields = mamba2_fields(cls.layers(hf_model)[0].mixer)
+        return base_config(hf_model, model_name, tokenizer, layer_types=layer_types, **mixer_fields)
 
     @classmethod
     def tiny_config(cls, **overrides: Any) -> Mamba2Config:

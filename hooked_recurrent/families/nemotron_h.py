@@ -73,9 +73,8 @@ class NemotronHBlock(BlockHooks):
         if self.kind is MAMBA2:
             mixed = self.mixer(normed, cache=cache, attention_mask=attention_mask, **kwargs)
         elif self.kind is ATTENTION:
-            mixed = self.attn(
-                normed, cache=cache, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
-            )
+            kwargs.update(position_ids=position_ids, use_cache=use_cache)
+            mixed = self.attn(normed, cache=cache, attention_mask=attention_mask, **kwargs)
         else:
             mixed = self.hook_mlp_out(self.mlp(normed))
         return self.hook_resid_post(residual + mixed)

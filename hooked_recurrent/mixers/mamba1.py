@@ -97,7 +97,9 @@ class Mamba1Mixer(MatrixRecurrentMixer):
         m = self.hf
         return torch.split(m.x_proj(x), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
 
-    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         """Same computation and cache updates as transformers' Mamba-1 mixer, with hooks."""
         m = self.hf
         batch, length, _ = hidden_states.shape
@@ -124,7 +126,9 @@ class Mamba1Mixer(MatrixRecurrentMixer):
         def log_decay() -> Tensor:
             return dt.to(compute_dtype)[..., None] * A
 
-        decay, decay_edits = fire(self.hook_log_decay, log_decay(), 0) if self.hook_log_decay.has_fwd_hooks() else (None, None)
+        decay, decay_edits = None, None  # [batch, pos, head, d_state]: computed when hooked or needed
+        if self.hook_log_decay.has_fwd_hooks():
+            decay, decay_edits = fire(self.hook_log_decay, log_decay(), 0)
         # The scan starts from zeros: continuing a cache by several tokens is recomputed here.
         continues = recurrent_state is not None and length > 1
         use_native = compute_dtype != torch.float64 and decay_edits is None and not continues
@@ -136,7 +140,8 @@ class Mamba1Mixer(MatrixRecurrentMixer):
                 return out[:, None, :, None].to(compute_dtype), state[..., None]
             result = self.scan_kernel(
                 x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                return_last_state=cache is not None, use_mambapy=m.use_mambapy, use_associative_scan=m.use_associative_scan,
+                return_last_state=cache is not None,
+                use_mambapy=m.use_mambapy, use_associative_scan=m.use_associative_scan,
             )  # fmt: skip
             out, final = result if cache is not None else (result, None)
             return out.transpose(1, 2)[..., None].to(compute_dtype), None if final is None else final[..., None]
