@@ -112,9 +112,14 @@ class Zamba2(Family):
     @classmethod
     def tiny_config(cls, **overrides: Any) -> Zamba2Config:
         """4 layers, the shared block (rotary attention, per-use adapters) used at depths 1 and 3;
-        6 Mamba-2 heads in 2 groups, d_state 16, head_dim 8."""
+        6 Mamba-2 heads in 2 groups, d_state 16, head_dim 8.
+
+        Tied embeddings: transformers ties the uses of the shared block to one set of parameters
+        only when it ties the embeddings (as Zamba2Config does by default).
+        """
         params = dict(
             TINY,
+            tie_word_embeddings=True,
             hidden_size=24,
             intermediate_size=48,
             num_hidden_layers=4,
