@@ -182,7 +182,7 @@ def test_mamba1_channels_are_heads_whose_hook_points_are_built_when_named():
     cfg = model.cfg
     m = "blocks.1.mixer."
     # 80 channels: no per-head hook point exists until one is named.
-    assert (cfg.n_heads, cfg.d_k, cfg.d_v, cfg.layer_types) == (80, 8, 1, ["mamba1", "mamba1", "attention", "mamba1"])
+    assert (cfg.n_heads, cfg.d_k, cfg.d_v, cfg.layer_types) == (80, 8, 1, ["mamba1", "mamba1", "attention"])
     assert not any(".heads." in name for name in model.hook_dict)
     names = [m + h for h in ("hook_B", "hook_dt", "hook_log_decay", "hook_write_key", "hook_write", "hook_state")]
     _, cache = model.run_with_cache(random_tokens(2, 7), names_filter=[*names, m + "heads.5.hook_state"])
@@ -208,16 +208,16 @@ def test_mamba1_channels_are_heads_whose_hook_points_are_built_when_named():
 def test_zamba2_shared_block_has_one_set_of_hook_points_per_use():
     model, _ = tiny_pair("tiny-random:zamba2")
     layers = model.hf_model.model.layers
-    assert layers[1].shared_transformer.self_attn.q_proj.weight is layers[3].shared_transformer.self_attn.q_proj.weight
+    assert layers[1].shared_transformer.self_attn.q_proj.weight is layers[2].shared_transformer.self_attn.q_proj.weight
     tokens = random_tokens(2, 9)
     calls = []
     record = lambda x, hook: calls.append(hook.name)  # noqa: E731
-    model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_out", record) for layer in (1, 3)])
-    assert calls == ["blocks.1.attn.hook_out", "blocks.3.attn.hook_out"]
+    model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_out", record) for layer in (1, 2)])
+    assert calls == ["blocks.1.attn.hook_out", "blocks.2.attn.hook_out"]
     # Editing the second use leaves the first untouched and changes the logits.
-    names = ["blocks.1.hook_shared_out", "blocks.3.hook_resid_post"]
+    names = ["blocks.1.hook_shared_out", "blocks.2.hook_resid_post"]
     logits, plain = model.run_with_cache(tokens, names_filter=names)
-    with model.hooks(fwd_hooks=[("blocks.3.hook_shared_out", lambda x, hook: torch.zeros_like(x))]):
+    with model.hooks(fwd_hooks=[("blocks.2.hook_shared_out", lambda x, hook: torch.zeros_like(x))]):
         edited_logits, edited = model.run_with_cache(tokens, names_filter=names)
     assert torch.equal(edited[names[0]], plain[names[0]])
     assert (edited[names[1]] - plain[names[1]]).abs().max() > 1e-3 and not torch.equal(edited_logits, logits)

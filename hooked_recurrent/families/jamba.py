@@ -90,16 +90,16 @@ class Jamba(Family):
 
     @classmethod
     def tiny_config(cls, **overrides: Any) -> JambaConfig:
-        """4 layers (attention third, experts in the second and fourth); 80 channels (so per-head
-        hook points are built on first use) with d_state 8."""
+        """3 layers (attention last, experts in the second); 80 channels (so per-head hook points
+        are built on first use) with d_state 8."""
         params = dict(
             TINY,
             hidden_size=40,
             intermediate_size=48,
-            num_hidden_layers=4,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            attn_layer_period=4,
+            attn_layer_period=3,
             attn_layer_offset=2,
             expert_layer_period=2,
             expert_layer_offset=1,

@@ -111,7 +111,7 @@ class Zamba2(Family):
 
     @classmethod
     def tiny_config(cls, **overrides: Any) -> Zamba2Config:
-        """4 layers, the shared block (rotary attention, per-use adapters) used at depths 1 and 3;
+        """3 layers, the shared block (rotary attention, per-use adapters) used at depths 1 and 2;
         6 Mamba-2 heads in 2 groups, d_state 16, head_dim 8.
 
         Tied embeddings: transformers ties the uses of the shared block to one set of parameters
@@ -122,8 +122,8 @@ class Zamba2(Family):
             tie_word_embeddings=True,
             hidden_size=24,
             intermediate_size=48,
-            num_hidden_layers=4,
-            layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+            num_hidden_layers=3,
+            layers_block_type=["linear_attention", "hybrid", "hybrid"],
             num_attention_heads=4,  # as many key/value heads (transformers' adapters assume it)
             num_mem_blocks=1,
             use_shared_attention_adapter=True,
