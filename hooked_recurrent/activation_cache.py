@@ -12,7 +12,8 @@ on these models or raises an error that says why it does not apply:
   MLP is gated; otherwise it says which output bias or head results are unknown).
 - Adapted: ``accumulated_resid``, ``decompose_resid`` and ``apply_ln_to_stack`` say so when a block
   has no MLP (hence no ``resid_mid`` / ``ln2``); the decompositions say so when a family's blocks
-  rescale the residual stream (MiniMax), which then is not a sum of its components' outputs; ``compute_head_results`` and ``stack_head_results`` give every head of
+  rescale the residual stream or their sublayers' outputs (MiniMax, Granite 4, Falcon-H1), which
+  then is not a sum of its components' outputs; ``compute_head_results`` and ``stack_head_results`` give every head of
   every mixer, attention or recurrent (each mixer's heads, ``L{l}H{h}``, sum to its ``hook_out``);
   the head and neuron methods say so when a block has no such results (attention run as the HF
   module is, no gated MLP, or a post-norm block whose outputs are normed before they are added); ``ssm_layers`` and
@@ -58,8 +59,8 @@ class RecurrentActivationCache(ActivationCache):
         if rescaled:
             raise ValueError(
                 f"{what}: the residual stream of {self.model.cfg.architecture} is not a sum of its components' "
-                f"outputs (blocks {rescaled} rescale it by fixed factors), so it does not decompose into them; "
-                "accumulated_resid, stack_head_results and the hook points themselves still apply."
+                f"outputs (blocks {rescaled} scale it, or what they add to it, by fixed factors), so it does not "
+                "decompose into them; accumulated_resid, stack_head_results and the hook points themselves still apply."
             )
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",

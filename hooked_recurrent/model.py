@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
@@ -633,7 +634,8 @@ class HookedRecurrentModel(SpliceMixin, HookedRootModule):
         Takes TransformerLens' arguments (``names_filter``, ``device``, ``remove_batch_dim``,
         ``incl_bwd``, ``reset_hooks_end``, ``clear_contexts``, ``pos_slice``); the rest go to
         `forward`. Without ``names_filter`` every hook point is cached, the per-head views
-        (``...heads.{h}.hook_write/hook_state``) included: writes and states are
+        (``...heads.{h}.hook_write/hook_state``) included (of a mixer with more than 64 heads,
+        those built: they are built when first named): writes and states are
         ``pos * heads * d_k * d_v`` numbers per layer, so prefer naming what you need.
         """
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)

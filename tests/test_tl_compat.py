@@ -115,7 +115,8 @@ def test_an_unfiltered_cache_holds_every_hook_point_and_changes_nothing(preset):
     assert torch.equal(logits, model(tokens))  # bit for bit: observing never changes a result
     layer = model.cfg.recurrent_layers[0]
     mixer = model.cfg.hook_name(layer, "")
-    for h in range(model.mixer(layer).n_heads):  # the per-head views are the all-head tensors' slices
+    # The per-head views are the all-head tensors' slices (a mixer with many heads builds them when named).
+    for h, _ in model.mixer(layer).heads.built():
         assert torch.equal(cache[f"{mixer}heads.{h}.hook_state"], cache[f"{mixer}hook_state"][:, :, h])
 
 

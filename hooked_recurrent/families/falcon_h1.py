@@ -9,7 +9,9 @@ an RMSNorm or with ``silu(z)`` alone (``mamba_rms_norm``). The embeddings are sc
 
 Every layer is of kind ``mamba2`` (``blocks.{l}.mixer``, state ``[d_state, head_dim]``) and also has
 an attention container ``blocks.{l}.attn`` (run unchanged, ``hook_out`` only); transformers caches
-both in one hybrid cache layer, which `RecurrentCache` handles as such.
+both in one hybrid cache layer, which `RecurrentCache` handles as such. What a layer adds is the
+two mixers' outputs, each times its multiplier, so the residual stream is not a sum of the mixers'
+outputs and TransformerLens' decompositions say so (``additive_residual``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from transformers import FalconH1Config
 
 from ..blocks import BlockHooks, RunContext
-from ..components import GatedMLPHooks, NormHooks
+from ..components import GatedMLPHooks, NormHooks, output_bias
 from ..config import HookedRecurrentConfig
 from ..hook_points import HookPoint
 from ..mixers.attention import AttentionOutputHooks
@@ -51,8 +53,17 @@ class FalconH1Mamba2Mixer(Mamba2Mixer):
 class FalconH1MLPHooks(GatedMLPHooks):
     """Falcon-H1's SwiGLU MLP: ``down_multiplier * down_proj(up_proj(x) * act(gate_multiplier * gate_proj(x)))``.
 
-    ``hook_pre`` carries the scaled gate projection.
+    ``hook_pre`` carries the scaled gate projection; ``W_out`` and ``b_out`` include the down
+    multiplier, so that neuron results add up to the MLP's output.
     """
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.hf.down_proj.weight.T * self.hf.down_multiplier
+
+    @property
+    def b_out(self) -> Float[Tensor, " d_model"]:
+        return output_bias(self.hf.down_proj) * self.hf.down_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.hf
@@ -65,8 +76,9 @@ class FalconH1Block(BlockHooks):
     """A Falcon-H1 layer: Mamba-2 and attention in parallel, then the MLP.
 
     Hook points: ``hook_resid_pre``, ``ln1.hook_normalized``, ``mixer.*``, ``attn.hook_out`` (each
-    before its output multiplier), ``hook_resid_mid``, ``ln2.hook_normalized``, ``mlp.*``,
-    ``hook_mlp_out``, ``hook_resid_post``.
+    before its output multiplier), ``hook_attn_out`` (their sum after the multipliers: what the
+    layer adds), ``hook_resid_mid``, ``ln2.hook_normalized``, ``mlp.*``, ``hook_mlp_out``,
+    ``hook_resid_post``.
 
     Args:
         hf_layer: The ``FalconH1DecoderLayer``.
@@ -75,12 +87,14 @@ class FalconH1Block(BlockHooks):
     """
 
     mixer_name = MAMBA2.container
+    additive_residual = False  # the two mixers' outputs are scaled before they are added
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__(hf_layer, index, context)
         self.ln1 = NormHooks(hf_layer.input_layernorm)
         self.mixer = FalconH1Mamba2Mixer(hf_layer.mamba, context)
         self.attn = AttentionOutputHooks(hf_layer.self_attn)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_mid = HookPoint("batch pos d_model")
         self.ln2 = NormHooks(hf_layer.pre_ff_layernorm)
         self.mlp = FalconH1MLPHooks(hf_layer.feed_forward)
@@ -103,6 +117,7 @@ class FalconH1Block(BlockHooks):
         attention_in = normed * layer.attention_in_multiplier
         attention_out = self.attn(attention_in, attention_mask=attention_mask, cache=cache, **kwargs)
         mixed = mamba_out * layer.ssm_out_multiplier + attention_out * layer.attn_out_multiplier
+        mixed = self.hook_attn_out(mixed)
         residual = self.hook_resid_mid(residual + mixed)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(residual)))
         return (self.hook_resid_post(residual + mlp_out),)

@@ -2,7 +2,8 @@
 shared MLP in every layer, and muP multipliers.
 
 Every layer is norm -> Mamba-2 or attention -> ``residual + residual_multiplier * out``, then norm
--> MoE + shared MLP -> ``residual + residual_multiplier * out``. The embeddings are scaled by
+-> MoE + shared MLP -> ``residual + residual_multiplier * out``: the residual stream is not a sum of
+its sublayers' outputs, so TransformerLens' decompositions say so (``additive_residual``). The embeddings are scaled by
 ``embedding_multiplier`` after ``hook_embed`` (``blocks.0.hook_resid_pre`` sees them scaled), and
 the logits divided by ``logits_scaling`` (folded into ``model.W_U``). Layer kinds ``mamba2``
 (``blocks.{l}.mixer``, state ``[d_state, head_dim]``; transformers' ``GraniteMoeHybridMambaLayer``
@@ -35,14 +36,17 @@ class GraniteMoeHybridBlock(BlockHooks):
     """A Granite 4 hybrid layer, with its residual multiplier.
 
     Hook points: ``hook_resid_pre``, ``ln1.hook_normalized``, the mixer's (``mixer.*`` or
-    ``attn.hook_out``, before the multiplier), ``hook_resid_mid``, ``ln2.hook_normalized``,
-    ``hook_mlp_out`` (MoE plus shared MLP, times the multiplier: what is added), ``hook_resid_post``.
+    ``attn.hook_out``), ``hook_attn_out`` (the mixer's output, before the multiplier),
+    ``hook_resid_mid``, ``ln2.hook_normalized``, ``hook_mlp_out`` (MoE plus shared MLP, before the
+    multiplier), ``hook_resid_post``.
 
     Args:
         hf_layer: The ``GraniteMoeHybridDecoderLayer``.
         index: Its depth.
         context: The model's run context.
     """
+
+    additive_residual = False  # each sublayer's output is scaled before it is added
 
     def __init__(self, hf_layer: nn.Module, index: int, context: RunContext) -> None:
         super().__init__(hf_layer, index, context)
@@ -52,6 +56,7 @@ class GraniteMoeHybridBlock(BlockHooks):
             self.mixer = Mamba2Mixer(hf_layer.mamba, context)
         else:
             self.attn = AttentionOutputHooks(hf_layer.self_attn)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_mid = HookPoint("batch pos d_model")
         self.ln2 = NormHooks(hf_layer.post_attention_layernorm)
         if hf_layer.has_experts:
@@ -68,13 +73,13 @@ class GraniteMoeHybridBlock(BlockHooks):
         residual = self.enter(hidden_states)
         normed = self.ln1(residual)
         mixer = getattr(self, self.mixer_name)
-        mixed = mixer(normed, cache=cache, attention_mask=attention_mask, **kwargs)
+        mixed = self.hook_attn_out(mixer(normed, cache=cache, attention_mask=attention_mask, **kwargs))
         residual = self.hook_resid_mid(residual + mixed * multiplier)
         normed = self.ln2(residual)
         mlp_out = self.shared_mlp(normed)
         if self.hf.has_experts:
             mlp_out = self.moe(normed) + mlp_out
-        return self.hook_resid_post(residual + self.hook_mlp_out(mlp_out * multiplier))
+        return self.hook_resid_post(residual + self.hook_mlp_out(mlp_out) * multiplier)
 
 
 class GraniteMoeHybrid(Family):

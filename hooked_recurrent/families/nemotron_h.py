@@ -1,10 +1,12 @@
 """NemotronH (``nemotron_h``): one token mixer per block — Mamba-2, attention, an MLP or a mixture of experts.
 
-Every block is norm -> its one mixer -> residual add. Layer kinds ``mamba2`` (hooks at
-``blocks.{l}.mixer``, state ``[d_state, head_dim]``; transformers' ``NemotronHMamba2Mixer``
-computes exactly Mamba-2's mixer), ``attention`` (``blocks.{l}.attn``, run unchanged, ``hook_out``
-only), ``mlp`` and ``moe`` (``blocks.{l}.mlp``, run unchanged; the block hooks their output,
-``hook_mlp_out``).
+Every block is norm -> its one mixer -> residual add, and ``hook_attn_out`` is what it adds,
+whichever its mixer. Layer kinds ``mamba2`` (hooks at ``blocks.{l}.mixer``, state
+``[d_state, head_dim]``; transformers' ``NemotronHMamba2Mixer`` computes exactly Mamba-2's mixer),
+``attention`` (``blocks.{l}.attn``), ``mlp`` and ``moe`` (``blocks.{l}.mlp``); attention, MLPs and
+MoEs run unchanged, their output hooked (``hook_out``). No block has a second sublayer, so for
+TransformerLens' decompositions the model is attention-only (``cfg.attn_only``): each block's
+``attn_out`` is its one mixer's output.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..mixers.mamba2 import Mamba2Mixer
 from .base import ATTENTION, TINY, Family, LayerKind, attention_fields, base_config
 from .mamba2 import MAMBA2, mamba2_fields
 
-__all__ = ["MLP", "MOE", "NemotronHBlock", "NemotronH"]
+__all__ = ["MLP", "MOE", "MLPMixerHooks", "NemotronHBlock", "NemotronH"]
 
 MLP = LayerKind("mlp", "mlp", recurrent=False)
 MOE = LayerKind("moe", "mlp", recurrent=False)
@@ -32,11 +34,23 @@ MOE = LayerKind("moe", "mlp", recurrent=False)
 KINDS = {"linear_attention": MAMBA2, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 
 
+class MLPMixerHooks(MLPOutputHooks):
+    """An MLP or a mixture of experts that is a block's one mixer: run unchanged, its output hooked."""
+
+    def __init__(self, hf_module: nn.Module) -> None:
+        super().__init__(hf_module)
+        self.hook_out = HookPoint("batch pos d_model")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_out(super().forward(x))
+
+
 class NemotronHBlock(BlockHooks):
     """A NemotronH block: norm -> one mixer -> residual add.
 
     Hook points: ``hook_resid_pre``, ``ln1.hook_normalized``, the mixer's (``mixer.*`` for Mamba-2,
-    ``attn.hook_out``, or ``hook_mlp_out`` after an MLP or MoE), ``hook_resid_post``.
+    ``attn.hook_out`` or ``mlp.hook_out``), ``hook_attn_out`` (what the block adds),
+    ``hook_resid_post``.
 
     Args:
         hf_layer: The ``NemotronHBlock``.
@@ -54,8 +68,8 @@ class NemotronHBlock(BlockHooks):
         elif self.kind is ATTENTION:
             self.attn = AttentionOutputHooks(hf_layer.mixer)
         else:
-            self.mlp = MLPOutputHooks(hf_layer.mixer)
-            self.hook_mlp_out = HookPoint("batch pos d_model")
+            self.mlp = MLPMixerHooks(hf_layer.mixer)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_post = HookPoint("batch pos d_model")
 
     def forward(
@@ -76,8 +90,8 @@ class NemotronHBlock(BlockHooks):
             kwargs.update(position_ids=position_ids, use_cache=use_cache)
             mixed = self.attn(normed, cache=cache, attention_mask=attention_mask, **kwargs)
         else:
-            mixed = self.hook_mlp_out(self.mlp(normed))
-        return self.hook_resid_post(residual + mixed)
+            mixed = self.mlp(normed)
+        return self.hook_resid_post(residual + self.hook_attn_out(mixed))
 
 
 class NemotronH(Family):

@@ -5,10 +5,11 @@ A hybrid layer runs the shared block on the concatenation of its input and the o
 ``linear`` and adds it to the input of its Mamba-2 layer. The shared block's modules (and
 parameters) are the same at every depth that uses it; its hook points are one set per use, under
 the using layer: ``blocks.{l}.shared_ln1``, ``blocks.{l}.attn.hook_out`` (run unchanged),
-``blocks.{l}.shared_ln2``, ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_shared_out`` (after
-``linear``: what is added to the Mamba-2 input). Every layer is of kind ``mamba2``
+``blocks.{l}.shared_ln2``, ``blocks.{l}.hook_shared_mlp_out``, ``blocks.{l}.hook_shared_out``
+(after ``linear``: what is added to the Mamba-2 input). Every layer is of kind ``mamba2``
 (``blocks.{l}.mixer``, state ``[d_state, head_dim]``; transformers' ``Zamba2MambaMixer`` computes
-exactly Mamba-2's mixer).
+exactly Mamba-2's mixer), and adds only the Mamba-2 output to the residual stream
+(``hook_attn_out``): for TransformerLens' decompositions the model is attention-only.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ class Zamba2Block(BlockHooks):
             self.attn = AttentionOutputHooks(shared.self_attn)
             self.shared_ln2 = NormHooks(shared.pre_ff_layernorm)
             self.mlp = MLPOutputHooks(shared.feed_forward)
-            self.hook_mlp_out = HookPoint("batch pos d_model")
+            self.hook_shared_mlp_out = HookPoint("batch pos d_model")
             self.hook_shared_out = HookPoint("batch pos d_model")
         mamba_layer = hf_layer.mamba_decoder if self.hybrid else hf_layer
         self.ln1 = NormHooks(mamba_layer.input_layernorm)
         self.mixer = Mamba2Mixer(mamba_layer.mamba, context)
+        self.hook_attn_out = HookPoint("batch pos d_model")
         self.hook_resid_post = HookPoint("batch pos d_model")
 
     def forward(
@@ -74,9 +76,10 @@ class Zamba2Block(BlockHooks):
         if self.hybrid:
             shared_in = self.shared_ln1(torch.concatenate([residual, original_hidden_states], dim=-1))
             attended = self.attn(shared_in, layer_idx=layer_idx, attention_mask=causal_mask, cache=cache, **kwargs)
-            mlp_out = self.hook_mlp_out(self.mlp(self.shared_ln2(attended), layer_idx))
+            mlp_out = self.hook_shared_mlp_out(self.mlp(self.shared_ln2(attended), layer_idx))
             mamba_in = residual + self.hook_shared_out(self.hf.linear(mlp_out))
         mixed = self.mixer(self.ln1(mamba_in), cache=cache, attention_mask=attention_mask, **kwargs)
+        mixed = self.hook_attn_out(mixed)
         return self.hook_resid_post(residual + mixed)
 
 

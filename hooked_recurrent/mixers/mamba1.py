@@ -41,6 +41,7 @@ both).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -172,5 +173,15 @@ class Mamba1Mixer(MatrixRecurrentMixer):
             store_state(cache, m.layer_idx, final_state[..., 0].to(dtype).contiguous())
 
         skip = self.hook_skip(x.to(compute_dtype) * m.D.to(compute_dtype))
-        scan_output = (reads[..., 0] + skip) * F.silu(gate.to(compute_dtype))
-        return self.hook_out(m.out_proj(scan_output.to(dtype)))
+        return self.hook_out(self.output(reads + skip[..., None], gate))
+
+    def output(
+        self, core_out: Float[Tensor, "batch pos head 1"], gate: Float[Tensor, "batch pos head"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The reads (plus the D skip) gated by ``silu(z)``, and the output projection."""
+        m = self.hf
+        gated = core_out[..., 0] * F.silu(gate.to(core_out.dtype))
+        return m.out_proj(gated.to(m.out_proj.weight.dtype))
+
+    def output_inputs(self, activations: Callable[[str], Tensor]) -> tuple[Tensor, Tensor]:
+        return activations("hook_recurrence_out") + activations("hook_skip")[..., None], activations("hook_gate_input")
