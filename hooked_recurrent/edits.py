@@ -18,15 +18,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .hook_points import HookPoint
 
-__all__ = ["positions_in_call", "delete_writes", "scale_writes", "set_writes", "add_to_states"]
+__all__ = ["positions_in_call", "delete_writes", "scale_writes", "set_writes", "add_to_writes", "add_to_states"]
 
 HookFn = Callable[[Tensor, HookPoint], Tensor]
 
@@ -101,14 +100,34 @@ def delete_writes(positions: Sequence[int], heads: Sequence[int] | None = None) 
     return scale_writes(positions, 0.0, heads)
 
 
-def set_writes(replacements: dict[tuple[int, int], Float[Tensor, "d_k d_v"]]) -> HookFn:
-    """Replace single writes: ``{(position, head): matrix}`` (broadcast over the batch)."""
+def set_writes(replacements: Mapping[int | tuple[int, int], Float[Tensor, "d_k d_v"]]) -> HookFn:
+    """Replace single writes by given matrices (any rank), broadcast over the batch.
 
-    def hook(writes: Float[Tensor, "batch pos head d_k d_v"], hook: HookPoint) -> Tensor:
-        start = hook.start_position
-        for (position, head), matrix in replacements.items():
-            if 0 <= position - start < writes.shape[1]:
-                writes[:, position - start, head] = matrix.to(writes)
+    Args:
+        replacements: ``{position: matrix}`` for a per-head hook point (``heads.{h}.hook_write``),
+            ``{(position, head): matrix}`` for an all-head one (``hook_write``).
+
+    Raises:
+        ValueError: a negative position or head (at once), a key that does not fit the hook point
+            or a head it does not have (when the hook fires).
+    """
+    _check_keys(replacements)
+
+    def hook(writes: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
+        for index, matrix in _located(replacements, writes, hook):
+            writes[index] = matrix.to(writes)
+        return writes
+
+    return hook
+
+
+def add_to_writes(additions: Mapping[int | tuple[int, int], Float[Tensor, "d_k d_v"]]) -> HookFn:
+    """Add matrices to single writes, broadcast over the batch (keys and errors as in `set_writes`)."""
+    _check_keys(additions)
+
+    def hook(writes: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
+        for index, matrix in _located(additions, writes, hook):
+            writes[index] += matrix.to(writes)
         return writes
 
     return hook
@@ -131,6 +150,30 @@ def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequenc
     return hook
 
 
-def frobenius_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine between matrices (trailing two dims), e.g. an atom against native writes."""
-    return torch.nn.functional.cosine_similarity(a.flatten(-2), b.flatten(-2), dim=-1)
+def _check_keys(table: Mapping[int | tuple[int, int], Tensor]) -> None:
+    for key in table:
+        position, head = (key, None) if isinstance(key, int) else key
+        _check_positions([position])
+        _check_heads(head)
+
+
+def _located(
+    table: Mapping[int | tuple[int, int], Tensor], tensor: Tensor, hook: HookPoint
+) -> list[tuple[tuple, Tensor]]:
+    """``(index into tensor, matrix)`` for the entries of ``table`` whose position is in this call."""
+    per_head = tensor.dim() == 4
+    located = []
+    for key, matrix in table.items():
+        if per_head != isinstance(key, int):
+            raise ValueError(
+                f"{hook.name}: key {key!r} does not fit this hook point; use positions as keys for a "
+                "heads.{h} hook point and (position, head) pairs for an all-head one"
+            )
+        position, head = (key, None) if per_head else key
+        if head is not None:
+            _check_head_range([head], tensor.shape[2], hook)
+        i = position - hook.start_position
+        if 0 <= i < tensor.shape[1]:
+            located.append(((slice(None), i) if per_head else (slice(None), i, head), matrix))
+    return located
+

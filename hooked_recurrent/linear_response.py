@@ -109,6 +109,7 @@ def linear_responses(
     head: int | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     reads: Sequence[str] = (),
+    cache: RecurrentCache | None = None,
     max_rows: int | None = None,
 ) -> dict[str, Tensor]:
     """The first-order responses to several edits of one activation at one position.
@@ -123,6 +124,8 @@ def linear_responses(
         head: Edit this head of a hook point with a head axis.
         attention_mask: Padding mask of ``tokens``.
         reads: Hook points whose responses are returned besides the logits.
+        cache: A cache the tokens continue (left untouched); ``position`` stays absolute and must
+            fall among the continued tokens.
         max_rows: Most batch rows (edits x sequences) per forward pass; by default about
             ``TOKENS_PER_PASS`` tokens per pass. The results do not depend on it.
 
@@ -134,9 +137,11 @@ def linear_responses(
     """
     if tokens.dim() == 1:
         tokens = tokens[None]
-    if not 0 <= position < tokens.shape[1]:
+    start = 0 if cache is None else cache.position
+    if not start <= position < start + tokens.shape[1]:
         raise ValueError(
-            f"position={position} is outside the sequence of {tokens.shape[1]} tokens; pass 0 <= position < {tokens.shape[1]}"
+            f"position={position} is outside the {tokens.shape[1]} tokens at positions {start}..{start + tokens.shape[1] - 1}; "
+            "pass a position among them"
         )
 
     def run(tangents: Tensor) -> dict[str, Tensor]:
@@ -145,7 +150,8 @@ def linear_responses(
         mask = None if attention_mask is None else attention_mask.repeat(n, 1)
         per_row = tangents.repeat_interleave(tokens.shape[0], 0)
         edit = (hook_name, _add_tangent(position, per_row, head, hook_name))
-        return _dual_run(model, [edit], reads, lambda: model(batch_tokens, attention_mask=mask))
+        tiled = None if cache is None else cache.repeat(n)
+        return _dual_run(model, [edit], reads, lambda: model(batch_tokens, attention_mask=mask, cache=tiled))
 
     return _in_groups(run, deltas, tokens.shape[0], tokens.shape[1], max_rows)
 

@@ -308,13 +308,14 @@ def test_protocol_run_figures_per_atom(tmp_path):
     run_logit_shift(model, sae, prompts, atoms=atoms, config=LogitShiftConfig(epsilons=(0.1, 0.3), horizons=(1, 2)),
                     out_dir=tmp_path / "shift", verbose=False)
     figures = atom_run_figures([tmp_path / "sub", tmp_path / "shift"])
+    headline = substitution.summary["headline_variant"]
     for atom in atoms:
-        records = [r for r in substitution.records if r["atom"] == atom]
+        records = [r for r in substitution.records if r.atom == atom]
         assert figures[atom]["substitution"]["n"] == len(records)
-        assert figures[atom]["substitution"]["win_rate"] == pytest.approx(np.mean([r["win"] for r in records]))
+        assert figures[atom]["substitution"]["win_rate"] == pytest.approx(np.mean([r.kl_atom[headline] < r.kl_delete for r in records]))
         assert set(figures[atom]["logit_shift"]["eps"]) == {0.1, 0.3}
     record = data.atom(atoms[0])
     page = atom_page(type(record)(**{**record.__dict__, "runs": figures[atoms[0]]}))
     assert "substitution win rate" in page and "logit-shift R²" in page and "atom &lt; delete &lt; random" in page
-    with pytest.raises(FileNotFoundError, match="no summary.json"):
+    with pytest.raises(FileNotFoundError, match="not a protocol run directory"):
         atom_run_figures([tmp_path])

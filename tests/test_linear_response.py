@@ -107,6 +107,7 @@ def test_the_heads_own_reads_follow_the_propagated_edit(arch):
     torch.testing.assert_close(got[names["hook_recurrence_out"]][0, 0, :, head], expected, rtol=1e-9, atol=1e-12)
 
 
+@torch.no_grad()
 def test_a_one_layer_mamba2_solved_by_hand():
     """dlogits = W_U J_final W_out J_gated_norm (prod alpha) dS^T C, each Jacobian written out."""
     torch.manual_seed(0)
@@ -145,7 +146,7 @@ def test_bad_arguments_name_the_fix():
     tokens = random_tokens(1, 10)
     name = model.cfg.hook_name(0, "heads.1.hook_state")
     delta = torch.zeros(model.cfg.d_k, model.cfg.d_v)
-    with pytest.raises(ValueError, match="position=10 is outside"):
+    with pytest.raises(ValueError, match="position=10 is outside the 10 tokens at positions 0..9"):
         linear_response(model, tokens, name, 10, delta)
     with pytest.raises(ValueError, match="must have the shape of one position's activation"):
         linear_response(model, tokens, name, 3, delta.T)

@@ -6,8 +6,13 @@ import torch
 from families import FAMILY_PRESETS
 from helpers import random_tokens, tiny_pair
 from hooked_recurrent import HookedRecurrentModel
-from hooked_recurrent.edits import add_to_states, delete_writes, frobenius_cosine
+from hooked_recurrent.edits import add_to_states, delete_writes
 from reference import rel_err
+
+
+def frobenius_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between matrices (the trailing two dims)."""
+    return torch.nn.functional.cosine_similarity(a.flatten(-2), b.flatten(-2), dim=-1)
 
 
 def deletion_removes_exactly_the_write(model: HookedRecurrentModel, layer: int, position: int, head: int) -> None:

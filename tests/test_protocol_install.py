@@ -1,31 +1,50 @@
-"""Installs during generation raise the target on a tiny model."""
+"""Installs write the target with the sign the reading query sees."""
 
 import pytest
 import torch
 
 from families import CORE_PRESETS
 from helpers import random_tokens, tiny_pair
-from writesae.protocols.cell import Cell
+from writesae.protocols.cell import Cell, trace_cell
 from writesae.protocols.install import InstallConfig, run_install, target_direction
 
 
+def planted_reader(model, cell, prompt, install_at):
+    """A hook making the last prompt position's query read the native key at ``install_at`` negatively."""
+    key = trace_cell(model, prompt, cell).key[0, install_at]
+    last = prompt.shape[1] - 1
+
+    def plant(queries, hook):
+        i = last - hook.start_position
+        if 0 <= i < queries.shape[1]:
+            row = queries[:, i, cell.head]
+            queries[:, i, cell.head] = -torch.nn.functional.normalize(key.to(row), dim=0) * row.norm(dim=-1, keepdim=True)
+        return queries
+
+    return cell.hook_name(model, "hook_read_query"), plant
+
+
 @pytest.mark.parametrize("arch", CORE_PRESETS)
-def test_installs_raise_the_target(arch, tmp_path):
+def test_the_reading_query_as_key_writes_the_intended_sign(arch, tmp_path):
     model, _ = tiny_pair(arch)
-    layer = model.cfg.recurrent_layers[-1]
-    prompts = random_tokens(4, 16, seed=4)
-    # Random weights: the head's gated norm and later layers bend the direction, so the test asks
-    # for a clear majority over 32 trials, with the key read by the last prompt query.
-    config = InstallConfig(multiples=(3.0,), ends_from_last=(0, 2), new_tokens=4, rank_classes=((20, 120),),
-                           targets_per_class=4, key="query")
-    result = run_install(model, prompts, layer, 1, config=config, out_dir=tmp_path, verbose=False)
-    records = result.records
-    assert len(records) == 4 * 4 * 2
-    assert all(20 <= r["rank_before"] < 120 for r in records)
-    assert sum(r["rank_after"] < r["rank_before"] for r in records) >= 0.75 * len(records)
-    pooled = [g for g in result.summary["groups"] if g["target_class"] == "pooled"][0]
-    assert pooled["n"] == 32 and pooled["median_rank_shift"] > 0 and pooled["median_logp_lift"] > 0
-    assert (tmp_path / "target_rate.png").exists() and (tmp_path / "report.md").exists()
+    cell = Cell(model.cfg.recurrent_layers[-1], 1)
+    prompt = random_tokens(1, 12, seed=4)
+    hook = planted_reader(model, cell, prompt, install_at=10)
+    config = InstallConfig(multiples=(0.1, 0.3), window=1, ends_from_last=(1,), new_tokens=3, direction="logprob_gradient",
+                           rank_classes=(("mid", 20, 120),), targets_per_class=12)  # fmt: skip
+    with model.hooks(fwd_hooks=[hook]):
+        native = run_install(model, prompt, cell.layer, cell.head, config=InstallConfig(**{**vars(config), "key": "native"}), verbose=False)
+        reader = run_install(model, prompt, cell.layer, cell.head, config=config, out_dir=tmp_path, verbose=False)
+    for result in (native, reader):
+        assert len(result.records) == 12 * 2 and all(20 <= r.rank_before < 120 for r in result.records)
+    assert all(r.key_query_cosine == pytest.approx(-1.0, abs=1e-5) for r in native.records)  # the planted reader
+    assert all(r.key_query_cosine == pytest.approx(1.0, abs=1e-5) for r in reader.records)
+    improved = {name: sum(r.rank_after < r.rank_before for r in res.records) / len(res.records)
+                for name, res in (("native", native), ("reader", reader))}  # fmt: skip
+    assert improved["reader"] >= 0.9 and improved["native"] <= 0.1  # the native key installs the opposite sign
+    top = reader.summary["largest_multiple"]
+    assert top["multiple"] == 0.3 and top["median_logp_lift"] > 0 > native.summary["largest_multiple"]["median_logp_lift"]
+    assert {"settings.json", "records.jsonl", "summary.json", "report.md", "sweep.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_target_direction_points_the_head_output_at_the_token():

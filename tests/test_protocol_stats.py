@@ -13,6 +13,7 @@ from writesae.protocols.stats import (
     median_mad,
     paired_wilcoxon,
     partition_atoms,
+    sign_flip_test,
     wilson_interval,
 )
 
@@ -45,6 +46,16 @@ def test_cliffs_delta_and_mann_whitney_by_hand():
 def test_median_mad_by_hand():
     median, err = median_mad([1, 2, 3, 4, 100])
     assert median == 3 and err == pytest.approx(1 / math.sqrt(5))  # |x - 3| = 2,1,0,1,97 -> MAD 1
+
+
+def test_sign_flip_test_by_hand():
+    # 6 of 6 pairs won: exactly 2 of the 64 sign patterns are as extreme (all + or all -): p = 1/32.
+    p = sign_flip_test(np.zeros(6), np.ones(6), n_permutations=20_000, seed=1)
+    assert p == pytest.approx(1 / 32, abs=0.005)
+    # The same wins in 2 passages: 4 patterns, 2 as extreme: p = 1/2, however many pairs.
+    assert sign_flip_test(np.zeros(6), np.ones(6), clusters=[0, 0, 0, 1, 1, 1], n_permutations=20_000) == pytest.approx(0.5, abs=0.02)
+    # Ties carry no sign; balanced wins and losses are not extreme.
+    assert sign_flip_test([0, 1, 0, 1], [1, 0, 1, 0], n_permutations=2000) == 1.0
 
 
 def test_cluster_bootstrap_respects_clusters():

@@ -15,7 +15,6 @@ RESUME_NOTE = ("the store and the SAE training continue from their checkpoints, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=options.model_name, default="stdlib:qwen3.5",
                    help="stdlib:qwen3.5 (default) or stdlib:mamba2, or any model")  # fmt: skip
-    p.add_argument("--input", choices=["write", "state"], default="write", help="train the SAE on writes or states")
     p.add_argument("--threads", type=options.nonnegative_int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--layer", type=options.nonnegative_int, default=None)
     p.add_argument("--head", type=options.nonnegative_int, default=None)
@@ -27,5 +26,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.demo import run_demo
 
-    run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed, input=args.input,
+    run_demo(model_name=args.model, out_dir=args.out, layer=args.layer, head=args.head, seed=args.seed,
              threads=args.threads or None, mode=options.output_mode(args), device=args.device)  # fmt: skip

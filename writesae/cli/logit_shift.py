@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model_options(p)
     options.add_token_options(p, sequences=16, seq_len=128)
     p.add_argument("--sae", type=options.sae_dir, required=True, help="a saved SAE folder (writesae train: OUT/sae)")
-    p.add_argument("--path", choices=["out_proj", "jacobian"])
+    p.add_argument("--epsilons", type=options.positive_float, nargs="+", help="perturbation sizes (default: 0.1 0.3 1 3)")
+    p.add_argument("--eps-scale", dest="eps_scale", choices=["absolute", "state_norm"],
+                   help="eps in the atoms' units (default) or times the median state norm")
     p.add_argument("--n-atoms", dest="n_atoms", type=options.positive_int, help="atoms tested")
     options.add_output_options(p, "logit-shift run")
 
@@ -23,4 +25,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.protocols.logit_shift import LogitShiftConfig, run_logit_shift
 
-    common.run_sae_protocol(args, "logit-shift run", LogitShiftConfig, run_logit_shift, hidden=("cells", "config"))
+    common.run_sae_protocol(args, "logit-shift run", LogitShiftConfig, run_logit_shift, hidden=("ladder", "atoms"))

@@ -1,64 +1,54 @@
-"""Per-atom figures from protocol run directories (substitution test, closed-form logit shift).
+"""Per-atom figures from protocol run directories (substitution test, logit shift).
 
-A run directory is recognised by its ``summary.json``: a substitution run has ``n_firings`` and its
-``records.jsonl`` one record per firing; a logit-shift run has ``cells`` (one per atom and eps).
-Per atom the dashboard shows:
+A run directory (docs/design.md §7.2) is read with `writesae.protocols.run.load_run`: its
+``settings.json`` names the protocol, its ``atoms.jsonl`` holds the per-atom rows. Per atom the
+dashboard shows:
 
-- substitution: the firings tested (``n``), the win rate of the atom over deletion, the strict
-  chain rate (atom < delete < random), and the run's register/bundle class when the atom entered
-  its population test;
-- logit shift: the median over eps of R^2, zero-parameter and with a fitted gain.
+- substitution: the firings tested (``n``), the atom's wins and win rate over deletion and the
+  strict chain rate (atom < delete < random), in the run's headline variant, and the atom's
+  register/bundle class in the run (the run classifies every alive atom; untested ones are not shown);
+- logit shift: the median over eps of R^2 with no fitted parameter, of the paper's formula and of
+  the exact first-order shift.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from writesae.protocols.run import load_run
+
 __all__ = ["atom_run_figures"]
 
 
-def _substitution(run: Path, summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    by_atom: dict[int, list[dict[str, Any]]] = {}
-    for line in (run / "records.jsonl").read_text().splitlines():
-        if line:
-            record = json.loads(line)
-            by_atom.setdefault(int(record["atom"]), []).append(record)
-    population = summary.get("population", {})
-    classes = {int(a): "register" for a in population.get("registers", [])}
-    classes.update({int(a): "bundle" for a in population.get("bundles", [])})
+def _substitution(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {
-        atom: {
-            "n": len(records),
-            "wins": int(sum(r["win"] for r in records)),
-            "win_rate": float(np.mean([r["win"] for r in records])),
-            "strict_chain_rate": float(np.mean([r["strict_chain"] for r in records])),
-            "class": classes.get(atom),
+        int(row["atom"]): {
+            "n": row["n_tested"],
+            "wins": row["n_wins"],
+            "win_rate": row["win_rate"],
+            "strict_chain_rate": row["strict_chain_rate"],
+            "class": row["atom_class"],
         }
-        for atom, records in by_atom.items()
+        for row in rows
+        if row["n_tested"]
     }
 
 
-def _logit_shift(summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def _logit_shift(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     cells: dict[int, list[dict[str, Any]]] = {}
-    for cell in summary["cells"]:
+    for cell in rows:
         cells.setdefault(int(cell["atom"]), []).append(cell)
 
-    def median(rows: list[dict[str, Any]], key: str) -> float | None:
-        values = [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
+    def median(cells: list[dict[str, Any]], path: str) -> float | None:
+        values = [c["r2"][path] for c in cells if c["r2"][path] is not None and np.isfinite(c["r2"][path])]
         return float(np.median(values)) if values else None
 
     return {
-        atom: {
-            "r2_zero_parameter": median(rows, "r2_zero_parameter"),
-            "r2_fitted_gain": median(rows, "r2_fitted_gain"),
-            "eps": [r["eps"] for r in rows],
-        }
+        atom: {"r2_paper": median(rows, "out_proj"), "r2_exact": median(rows, "exact"), "eps": [c["eps"] for c in rows]}
         for atom, rows in cells.items()
     }
 
@@ -70,21 +60,16 @@ def atom_run_figures(run_dirs: Sequence[str | os.PathLike]) -> dict[int, dict[st
         run_dirs: Directories written by `writesae.protocols` (substitution or logit shift).
 
     Raises:
-        ValueError: A directory that is neither.
+        FileNotFoundError: A directory that is no protocol run.
+        ValueError: A run of another protocol.
     """
+    readers = {"substitution": _substitution, "logit-shift": _logit_shift}
     figures: dict[int, dict[str, Any]] = {}
     for run_dir in run_dirs:
-        run = Path(run_dir)
-        summary_path = run / "summary.json"
-        if not summary_path.exists():
-            raise FileNotFoundError(f"{run} has no summary.json: pass a run directory of `writesae substitution` or `writesae logit-shift`")
-        summary = json.loads(summary_path.read_text())
-        if "n_firings" in summary:
-            kind, per_atom = "substitution", _substitution(run, summary) if summary["n_firings"] else {}
-        elif "cells" in summary:
-            kind, per_atom = "logit_shift", _logit_shift(summary)
-        else:
-            raise ValueError(f"{run} is neither a substitution nor a logit-shift run (its summary.json has no n_firings or cells)")
-        for atom, values in per_atom.items():
-            figures.setdefault(atom, {})[kind] = values
+        run = load_run(run_dir)
+        protocol = run.settings.get("protocol")
+        if protocol not in readers:
+            raise ValueError(f"{run_dir} is a {protocol!r} run; pass substitution or logit-shift run directories")
+        for atom, values in readers[protocol](run.tables.get("atoms", [])).items():
+            figures.setdefault(atom, {})[protocol.replace("-", "_")] = values
     return figures

@@ -99,8 +99,8 @@ def _runs(record: AtomRecord) -> str:
             rows.append(_stat("class in the run", escape(sub["class"])))
     shift = record.runs.get("logit_shift")
     if shift:
-        rows.append(_stat("logit-shift R² (zero-parameter)", number(shift["r2_zero_parameter"])))
-        rows.append(_stat("logit-shift R² (fitted gain)", number(shift["r2_fitted_gain"])))
+        rows.append(_stat("logit-shift R², exact first order", number(shift["r2_exact"])))
+        rows.append(_stat("logit-shift R², the paper's formula", number(shift["r2_paper"])))
     if not rows:
         return ""
     return f'<div class="wsd-panel"><h3>Protocol runs</h3><dl class="wsd-stats">{"".join(rows)}</dl></div>'
@@ -168,7 +168,7 @@ _COLUMNS = [
     ("class", "class", lambda r: r.cosine_class or "–"),
     ("half-life", "horizon", lambda r: "–" if r.horizon is None else str(r.horizon)),
     ("subst. win", "win", lambda r: percent(r.runs["substitution"]["win_rate"]) if "substitution" in r.runs else "–"),
-    ("logit R²", "r2", lambda r: number(r.runs["logit_shift"]["r2_zero_parameter"]) if "logit_shift" in r.runs else "–"),
+    ("logit R²", "r2", lambda r: number(r.runs["logit_shift"]["r2_exact"]) if "logit_shift" in r.runs else "–"),
 ]
 
 
@@ -177,7 +177,7 @@ def _sort_keys(r: AtomRecord) -> dict[str, Any]:
     return {
         "index": r.index, "frequency": r.frequency, "mean": r.mean_activation, "max": r.max_activation,
         "cosine": r.median_cosine, "class": r.cosine_class, "horizon": r.horizon,
-        "win": sub["win_rate"] if sub else None, "r2": shift["r2_zero_parameter"] if shift else None,
+        "win": sub["win_rate"] if sub else None, "r2": shift["r2_exact"] if shift else None,
     }
 
 

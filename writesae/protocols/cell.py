@@ -1,7 +1,7 @@
 """One (layer, head) cell of a model, seen through its hooks: writes, states, gates, reads, codes.
 
 Everything here works on any matrix-recurrent mixer (Gated DeltaNet, Mamba-2) through the shared
-hook points; nothing branches on the architecture.
+hook points of docs/design.md §3; nothing branches on the architecture.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Cell", "CellTrace", "trace_cell", "sae_cell", "encode_trace"]
+__all__ = ["Cell", "CellTrace", "trace_cell", "sae_cell", "encode_trace", "STRENGTH_HOOKS"]
+
+STRENGTH_HOOKS = ("hook_beta", "hook_dt")
+"""Per-head scalars that scale a mixer's write (Gated DeltaNet ``beta_t``, Mamba-2 ``dt_t``), in order
+of preference: ``u_t`` divided by it is the write "before its strength" (the paper's ``k_t v_t^T``)."""
 
 
 @dataclass(frozen=True)
@@ -23,9 +27,18 @@ class Cell:
     layer: int
     head: int
 
-    def hook(self, model: Any, name: str) -> str:
-        """Full name of a mixer hook of this cell's layer (``hook_write``, ``heads.{h}.hook_state``...)."""
-        return model.cfg.hook_name(self.layer, name.replace("{h}", str(self.head)))
+    def hook_name(self, model: Any, name: str) -> str:
+        """Full name of a hook of this cell's mixer (``"hook_log_decay"``; ``"heads.{h}.hook_state"``
+        names this cell's head)."""
+        return model.cfg.hook_name(self.layer, name.format(h=self.head))
+
+    def write_hook(self, model: Any) -> str:
+        """This head's ``heads.{h}.hook_write``."""
+        return self.hook_name(model, "heads.{h}.hook_write")
+
+    def state_hook(self, model: Any) -> str:
+        """This head's ``heads.{h}.hook_state``."""
+        return self.hook_name(model, "heads.{h}.hook_state")
 
 
 def sae_cell(model: Any, sae: Any) -> tuple[Cell, str]:
@@ -39,13 +52,14 @@ def sae_cell(model: Any, sae: Any) -> tuple[Cell, str]:
 
 @dataclass
 class CellTrace:
-    """Per-position quantities of one cell over a batch of sequences (float32/float64, on CPU).
+    """Per-position quantities of one cell over a batch of sequences (on CPU).
 
     Attributes:
         key: Write key factors ``k_t`` [batch, pos, d_k].
         value: Write value factors ``u_t`` [batch, pos, d_v] (the native write is ``k_t u_t^T``).
         query: Read queries ``q_t`` [batch, pos, d_k].
         log_decay: ``log alpha_t`` [batch, pos].
+        strength: The write's strength (see `STRENGTH_HOOKS`) [batch, pos]; ones if the mixer has none.
         states: ``S_t`` [batch, pos, d_k, d_v], when asked for.
         logits: The model's logits [batch, pos, d_vocab], when asked for.
     """
@@ -54,6 +68,7 @@ class CellTrace:
     value: Tensor
     query: Tensor
     log_decay: Tensor
+    strength: Tensor
     states: Tensor | None = None
     logits: Tensor | None = None
 
@@ -75,18 +90,23 @@ def trace_cell(
     with_logits: bool = False,
 ) -> CellTrace:
     """Run the model once and keep one cell's factors, gates, reads (and states) and the logits."""
-    names = {n: cell.hook(model, n) for n in ("hook_write_key", "hook_write_value", "hook_read_query", "hook_log_decay")}
+    names = {n: cell.hook_name(model, n) for n in ("hook_write_key", "hook_write_value", "hook_read_query", "hook_log_decay")}
+    strength = next((cell.hook_name(model, n) for n in STRENGTH_HOOKS if cell.hook_name(model, n) in model.hook_dict), None)
+    if strength is not None:
+        names["strength"] = strength
     if with_states:
-        names["state"] = cell.hook(model, "heads.{h}.hook_state")
+        names["state"] = cell.state_hook(model)
     logits, cache = model.run_with_cache(
         tokens, attention_mask=attention_mask, names_filter=list(names.values()), return_cache_object=False
     )
     h = cell.head
+    log_decay = cache[names["hook_log_decay"]][:, :, h].cpu()
     return CellTrace(
         key=cache[names["hook_write_key"]][:, :, h].cpu(),
         value=cache[names["hook_write_value"]][:, :, h].cpu(),
         query=cache[names["hook_read_query"]][:, :, h].cpu(),
-        log_decay=cache[names["hook_log_decay"]][:, :, h].cpu(),
+        log_decay=log_decay,
+        strength=cache[strength][:, :, h].cpu() if strength is not None else torch.ones_like(log_decay),
         states=cache[names["state"]].cpu() if with_states else None,
         logits=logits.cpu() if with_logits else None,
     )

@@ -1,52 +1,64 @@
-"""Run directories: per-record JSONL, a summary JSON, a short markdown report, and plots.
+"""The files of a run directory (docs/design.md §7.2), written atomically.
 
-Every protocol writes the same layout, so results can be compared and reloaded::
+::
 
     run/
-      records.jsonl    one line per firing / trial / (atom, eps, prompt) measurement
-      summary.json     the headline numbers and the settings that produced them
+      settings.json    what the run did (protocol, config, model, cell): a resume must match it
+      records.jsonl    one typed record per line (written unit by unit by `writesae.outputs.RecordLog`)
+      summary.json     the headline numbers and the alternatives
       report.md        the same, for a person, with the plots
+      atoms.jsonl      per-atom rows (one JSON object per line), when the protocol has them
       *.png            plots
 
-Files are written atomically (write, then rename): an interrupted run never leaves a half file.
+Every file goes through `hooked_recurrent.files`: an interrupted run never leaves a half file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from hooked_recurrent.files import atomic_write, atomic_write_text
 from writesae.outputs import jsonable
 
-__all__ = ["RunDir", "jsonable"]
+__all__ = ["RunDir", "markdown_table", "config_table", "plt_module"]
 
 
 class RunDir:
-    """A protocol's output directory.
+    """The files of one protocol run.
 
     Args:
-        path: Directory (created; files of an earlier run with the same names are replaced).
+        path: The run directory (created if missing).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_records(self, records: Iterable[dict[str, Any]], name: str = "records.jsonl") -> Path:
+    def write_json(self, name: str, data: Any) -> Path:
+        """``name`` (e.g. ``summary.json``) holding ``data`` as indented JSON."""
         path = self.path / name
-        atomic_write_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in records))
+        atomic_write_text(path, json.dumps(jsonable(data), indent=2) + "\n")
         return path
 
-    def write_summary(self, summary: dict[str, Any], name: str = "summary.json") -> Path:
-        path = self.path / name
-        atomic_write_text(path, json.dumps(jsonable(summary), indent=2) + "\n")
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def write_table(self, name: str, rows: list[Any]) -> Path:
+        """``{name}.jsonl``: one JSON object per row (dataclasses or dicts)."""
+        path = self.path / f"{name}.jsonl"
+        lines = [json.dumps(jsonable(asdict(r) if is_dataclass(r) else r)) + "\n" for r in rows]
+        atomic_write_text(path, "".join(lines))
         return path
+
+    def read_table(self, name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.path / f"{name}.jsonl").read_text().splitlines() if line]
 
     def write_report(self, title: str, sections: list[tuple[str, str]], plots: list[str] = ()) -> Path:
+        """``report.md``: a title, ``(heading, markdown)`` sections, then the plots."""
         lines = [f"# {title}", ""]
         for heading, body in sections:
             lines += [f"## {heading}", "", body.rstrip(), ""]
@@ -67,31 +79,37 @@ class RunDir:
         return name
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run directory (or of a records file)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "records.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A small markdown table."""
+    """A small markdown table (floats to 4 significant digits)."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return str(v)
+        return "" if v is None else str(v)
 
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(out)
 
 
+def config_table(config: Any) -> str:
+    """A protocol config (a dataclass) as a one-row markdown table, for the report's settings section."""
+    values = asdict(config)
+    return markdown_table([{k: str(v) for k, v in values.items()}], list(values))
+
+
 def plt_module() -> Any:
-    """matplotlib.pyplot with a non-interactive backend (runs headless, in CI and on servers)."""
+    """matplotlib.pyplot; with a non-interactive backend unless pyplot is already in use.
+
+    Headless runs (CI, servers, the command line) get Agg; a notebook or an interactive session
+    that already imported pyplot keeps its backend, so its own plots still show.
+    """
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

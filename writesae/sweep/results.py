@@ -89,13 +89,13 @@ def write_results(out: str | Path, grid: Any, rows: list[dict[str, Any]]) -> lis
     run = RunDir(out)
     columns = _columns(rows)
     atomic_write_text(run.path / "results.csv", _csv(rows, columns))
-    run.write_records(rows, "results.jsonl")
+    run.write_table("results", rows)
     ranked = [r for r in rows if r.get("val_mse") is not None]
     best = {
         "lowest_val_mse": min(ranked, key=lambda r: r["val_mse"])["cell"] if ranked else None,
         "highest_explained_variance": max(ranked, key=lambda r: r["val_explained_variance"])["cell"] if ranked else None,
     }
-    run.write_summary({"n_cells": len(rows), "grid": grid.grid, "fixed": grid.fixed, "best": best, "rows": rows})
+    run.write_json("summary.json", {"n_cells": len(rows), "grid": grid.grid, "fixed": grid.fixed, "best": best, "rows": rows})
     plots = [_plot_by_key(run, rows, key, values) for key, values in grid.grid.items() if len(values) > 1]
     plots.append(_plot_ev_vs_l0(run, rows))
     shown = [c for c in columns if c not in ("seconds", "resumed", "val_nmse", "best_val_mse", "rank", "device")]

@@ -95,6 +95,7 @@ class SubstitutionTest:
         self._model: Any = None
 
     def win_rate(self, sae: Any, out_dir: Path) -> dict[str, Any]:
+        from writesae.outputs import holds_files
         from writesae.protocols.substitution import SubstitutionConfig, run_substitution
 
         if self._model is None:
@@ -106,8 +107,11 @@ class SubstitutionTest:
             self._tokens = token_blocks(self._model, s.tokens, split="val", n_sequences=s.sequences, seq_len=s.seq_len)
         config = SubstitutionConfig(max_firings_per_atom=self.settings.max_firings_per_atom,
                                     n_bootstrap=self.settings.n_bootstrap)  # fmt: skip
-        result = run_substitution(self._model, sae, self._tokens.to(self.device), config=config, out_dir=out_dir, verbose=False)
-        return {"win_rate": result.summary["win_rate"], "n_firings": result.summary["n_firings"]}
+        mode = "resume" if holds_files(out_dir) else "new"  # a cell stopped mid-test continues its record log
+        result = run_substitution(self._model, sae, self._tokens.to(self.device), config=config, out_dir=out_dir, mode=mode,
+                                  verbose=False)  # fmt: skip
+        headline = result.summary.get("headline", {})  # absent when no atom fired
+        return {"win_rate": headline.get("win_rate"), "n_firings": result.summary["n_firings"]}
 
 
 def train_cell(

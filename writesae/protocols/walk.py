@@ -1,0 +1,110 @@
+"""Walk each sequence once: one cache advances from position to position, and only the edits fork.
+
+A protocol that edits a sequence at several positions (every firing of the substitution test, every
+reference position of the logit shift) needs the model's memory just before each of them. Running
+the prefix again for each position costs ``O(positions x length)`` tokens per sequence; advancing
+one cache through the sequence and forking only the conditions at each position costs
+``O(length)`` plus the forks. `SequenceWalk` does that, for a batch of sequences at once (the
+conditions of every sequence at a position share one pass), and with ``recompute=True`` it
+recomputes every prefix instead (same results up to float rounding; for checks and benchmarks).
+
+Example:
+    >>> import torch
+    >>> from hooked_recurrent import HookedRecurrentModel
+    >>> from hooked_recurrent.edits import delete_writes
+    >>> model = HookedRecurrentModel.from_pretrained("tiny-random:mamba2")
+    >>> walk = SequenceWalk(model, torch.arange(3, 83).reshape(2, 40))   # two sequences, walked together
+    >>> name = model.cfg.hook_name(1, "heads.0.hook_write")
+    >>> for t in (5, 17, 30):   # increasing positions; no prefix is run twice
+    ...     conditions = [(0, []), (0, [(name, delete_writes([t]))]), (1, [(name, delete_writes([t]))])]
+    ...     logits = walk.fork_rows(t, conditions, until=t + 1)
+    >>> tuple(logits.shape), walk.cache_at(30).position
+    ((3, 1, 256), 30)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_recurrent.cache import RecurrentCache
+from hooked_recurrent.fork import TOKENS_PER_PASS, Condition, on_rows
+
+__all__ = ["SequenceWalk"]
+
+
+class SequenceWalk:
+    """One cache advanced through ``tokens``, forked at increasing positions.
+
+    Args:
+        model: The hooked model.
+        tokens: The sequence(s) ``[batch, pos]``.
+        attention_mask: Their padding mask.
+        recompute: Build every prefix from scratch instead of advancing one cache.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        *,
+        recompute: bool = False,
+    ) -> None:
+        self.model, self.tokens, self.attention_mask, self.recompute = model, tokens, attention_mask, recompute
+        self._cache = RecurrentCache(model, tokens.shape[0])
+
+    def _mask(self, start: int, stop: int) -> Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask[:, start:stop]
+
+    @torch.no_grad()
+    def cache_at(self, position: int) -> RecurrentCache:
+        """The cache after ``tokens[:, :position]`` (shared: clone or repeat it before editing).
+
+        Raises:
+            ValueError: ``position`` is behind a position already walked (the walk only advances).
+        """
+        if not 0 <= position <= self.tokens.shape[1]:
+            raise ValueError(f"position {position} is outside 0..{self.tokens.shape[1]}")
+        cache = RecurrentCache(self.model, self.tokens.shape[0]) if self.recompute else self._cache
+        if position < cache.position:
+            raise ValueError(
+                f"the walk is at position {cache.position} and cannot go back to {position}: visit positions in increasing order"
+            )
+        if position > cache.position:
+            self.model(self.tokens[:, cache.position : position], attention_mask=self._mask(cache.position, position),
+                       cache=cache, return_type=None)  # fmt: skip
+        return cache
+
+    def fork_rows(
+        self, position: int, conditions: Sequence[tuple[int, Condition]], until: int, max_rows: int | None = None
+    ) -> Float[Tensor, "condition forked_pos d_vocab"]:
+        """Logits of ``tokens[row, position:until]`` under each ``(row, hooks)`` condition, batched.
+
+        Each condition continues its own copy of sequence ``row``'s cache at ``position``; its hooks
+        see its batch row only. Several sequences' conditions share a pass, so the weights are read
+        once for all of them. Equal to running each condition alone on its whole sequence.
+
+        Args:
+            position: Where the conditions start (their edits usually sit there).
+            conditions: ``(row of the walked batch, hooks)`` per condition (hooks as for
+                ``run_with_hooks``; an empty list is the unedited run).
+            until: End of the continuation.
+            max_rows: Most conditions per pass (default: about ``TOKENS_PER_PASS`` tokens per pass).
+        """
+        cache = self.cache_at(position)
+        max_rows = max_rows or max(1, TOKENS_PER_PASS // (until - position))
+        logits = []
+        for first in range(0, len(conditions), max_rows):
+            group = conditions[first : first + max_rows]
+            rows = [row for row, _ in group]
+            hooks = [(name, on_rows(fn, i, i + 1)) for i, (_, hooks) in enumerate(group) for name, fn in hooks]
+            mask = None if self.attention_mask is None else self.attention_mask[rows, position:until]
+            with torch.no_grad():
+                logits.append(self.model.run_with_hooks(self.tokens[rows, position:until], cache=cache.select(rows),
+                                                        attention_mask=mask, fwd_hooks=hooks))  # fmt: skip
+        return torch.cat(logits)
