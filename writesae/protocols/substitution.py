@@ -81,6 +81,9 @@ class SubstitutionConfig:
             ``"matched_norm"``: the atom at the native write's Frobenius norm (App. J, code).
         substitute: Headline atom. ``"firing"``: the atom whose firing defines the position (main
             text); ``"dominant"``: the largest code at that position (App. J pseudo-code).
+        variants: The variants measured on every firing (the headline is always measured): all of
+            `VARIANTS` by default, so the alternatives sit beside the headline; fewer conditions run
+            faster.
         random_control: ``"nonfiring_atom"``: an atom that does not fire at the position, at the
             atom condition's norm (the paper's control); ``"uniform_rank1"``: uniform key and value
             directions; ``"per_coordinate"``: each key and value coordinate drawn from the
@@ -106,6 +109,7 @@ class SubstitutionConfig:
 
     scale: Literal["activation", "matched_norm"] = "activation"
     substitute: Literal["firing", "dominant"] = "firing"
+    variants: tuple[str, ...] = VARIANTS
     random_control: Literal["nonfiring_atom", "uniform_rank1", "per_coordinate"] = "nonfiring_atom"
     kl_direction: Literal["edited||base", "base||edited"] = "edited||base"
     kl_offsets: tuple[int, ...] = (0,)
@@ -120,10 +124,20 @@ class SubstitutionConfig:
     sequences_per_unit: int = 8
     scan_batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"variants {unknown} are not among {list(VARIANTS)}")
+
     @property
     def headline(self) -> str:
         """The headline variant, ``"{substitute}/{scale}"``."""
         return f"{self.substitute}/{self.scale}"
+
+    @property
+    def measured(self) -> list[str]:
+        """The variants measured: the headline, then the other ``variants``, in `VARIANTS` order."""
+        return [v for v in VARIANTS if v == self.headline or v in self.variants]
 
 
 @dataclass
@@ -142,8 +156,8 @@ class SubstitutionRecord:
         cos_atom_to_write: Frobenius cosine of the firing atom to the write.
         cos_dominant_to_write: The same for the dominant atom.
         kl_delete: KL of the deletion.
-        kl_atom: KL of the atom condition, per variant.
-        kl_random: KL of the random control, per variant (at that variant's norm).
+        kl_atom: KL of the atom condition, per measured variant.
+        kl_random: KL of the random control, per measured variant (at that variant's norm).
         top1: Top-1 token at the firing under ``base``, ``delete``, and the headline ``atom`` and ``random``.
     """
 
@@ -222,8 +236,9 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         config: Protocol choices.
         atoms: Atoms to test (default: every atom that fires).
         firings: Test exactly these firings instead of sampling them.
-        recompute_prefixes: Recompute the prefix for every firing position instead of walking each
-            sequence once (same records; for checks and benchmarks).
+        recompute_prefixes: Recompute the prefix for every firing, and fork its conditions alone,
+            instead of walking the sequences once (same records; the per-firing way, for checks and
+            benchmarks).
     """
 
     name, title, record_type = "substitution", "Substitution test", SubstitutionRecord
@@ -292,8 +307,13 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         walk = SequenceWalk(self.model, tokens, mask, recompute=self.recompute_prefixes)
         row_of = {b: i for i, b in enumerate(group)}
         firings = sorted((f for f in self.firings if f.sequence in row_of), key=lambda f: (f.position, f.sequence, f.atom))
+        # Walking, every firing at a position shares one fork; recomputing, each firing has its own
+        # prefix and fork, as a per-firing implementation would.
+        fork_group = (lambda f: f.position) if not self.recompute_prefixes else (lambda f: (f.position, f.sequence, f.atom))
         records = []
-        for t, at_t in groupby(firings, key=lambda f: f.position):
+        for _, at_t in groupby(firings, key=fork_group):
+            at_t = list(at_t)
+            t = at_t[0].position
             conditions: list[tuple[int, list]] = []  # (row of the walk, hooks)
             work = []
             for b, of_b in groupby(at_t, key=lambda f: f.sequence):
@@ -340,7 +360,7 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         random_atom, direction = self._random_direction(firing, active, trace, row, mask, generator)
         plan = _Plan(firing, dominant, random_atom, {}, {}, {})
         native_norm = float(native.norm())
-        for variant in VARIANTS:
+        for variant in self.config.measured:
             substitute, scale = variant.split("/")
             atom, coefficient = (firing.atom, firing.activation) if substitute == "firing" else dominant
             factor = coefficient if scale == "activation" else native_norm / float(self.atom_norms[atom])
@@ -429,7 +449,7 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         }
         if records:
             summary["headline"] = _variant_stats(_for_variant(records, config.headline), config.headline, config, full=True)
-            summary["alternatives"] = [_variant_stats(_for_variant(records, v), v, config) for v in VARIANTS]
+            summary["alternatives"] = [_variant_stats(_for_variant(records, v), v, config) for v in config.measured]
         summary["population"] = _population(records, config, self.partition)
         summary["partition"] = self._partition_summary()
         return summary
@@ -465,7 +485,7 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         rows = []
         for atom, cosine in sorted(self.activity.median_cosines().items()):
             tested = by_atom.get(atom, [])
-            rates = {v: float(np.mean([r.kl_atom[v] < r.kl_delete for r in tested])) for v in VARIANTS} if tested else {}
+            rates = {v: float(np.mean([r.kl_atom[v] < r.kl_delete for r in tested])) for v in self.config.measured} if tested else {}
             headline = self.config.headline
             wins = sum(r.kl_atom[headline] < r.kl_delete for r in tested)
             chains = sum(r.kl_atom[headline] < r.kl_delete < r.kl_random[headline] for r in tested)
