@@ -244,7 +244,9 @@ class Install(Protocol[InstallRecord]):
         with model.hooks(fwd_hooks=hooks):
             logits = model(prompt[:, first:].repeat(rows, 1), cache=cache)[:, -1].float().cpu()
         first_logp = torch.log_softmax(logits.double(), -1)
-        generated = self._greedy(cache, logits)  # [rows, new_tokens]
+        first_tokens = logits.argmax(-1)[:, None].to(prompt.device)  # the greedy first step, then the rest
+        generated = model.generate(first_tokens, config.new_tokens - 1, do_sample=False, stop_at_eos=False, verbose=False,
+                                   cache=cache, return_type="tokens").cpu()  # [rows, new_tokens]  # fmt: skip
         base = generated[0].tolist()
         base_logp = torch.log_softmax(base_logits.double(), -1)
         records = []
@@ -259,14 +261,6 @@ class Install(Protocol[InstallRecord]):
                 logp_lift=float(first_logp[row, token] - base_logp[token]),
             ))  # fmt: skip
         return records
-
-    def _greedy(self, cache: Any, logits: Tensor) -> Tensor:
-        """``new_tokens`` greedy tokens continuing ``cache``, the first chosen from ``logits``."""
-        tokens = [logits.argmax(-1)]
-        for _ in range(self.config.new_tokens - 1):
-            step = self.model(tokens[-1][:, None].to(self.prompts.device), cache=cache)[:, -1]
-            tokens.append(step.argmax(-1).cpu())
-        return torch.stack(tokens, dim=1)
 
     # ------------------------------------------------------------------ summary
 
