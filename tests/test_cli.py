@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from helpers import random_tokens, tiny_pair
 from writesae.cli import main
 from writesae.cli.running import Stopped, resume_command, run_command, stop_signals
+from writesae.protocols.install import Install
 from writesae.store import collect
 from writesae.trainer import WriteSAETrainer
 
@@ -86,13 +87,33 @@ def test_sigterm_becomes_a_clean_stop_and_the_handler_is_restored(tmp_path, caps
     assert "saved every 16 batches" in err and err.strip().endswith(f"writesae collect m --out {out} --resume")
 
 
-def test_a_protocol_resumes_a_finished_run_without_recomputing(tmp_path, capsys):
-    argv = ["install", "tiny-random:qwen3.5", "--layer", "0", "--head", "1", "--tokens", "random", "--sequences", "1",
-            "--seq-len", "12", "--new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(argv) == 0
-    summary = tmp_path / "run" / "summary.json"
-    written = summary.stat().st_mtime_ns
-    assert main(argv) == 2 and "--resume" in capsys.readouterr().err
-    assert main([*argv, "--resume"]) == 0
-    assert "holds a finished install run; nothing to resume" in capsys.readouterr().out
-    assert summary.stat().st_mtime_ns == written
+def test_a_stopped_protocol_command_resumes_to_the_uninterrupted_records(tmp_path, capsys, monkeypatch):
+    argv = ["install", "tiny-random:qwen3.5", "--layer", "0", "--head", "1", "--tokens", "random", "--sequences", "3",
+            "--seq-len", "12", "--new-tokens", "2", "--device", "cpu", "--out"]  # fmt: skip
+    assert main([*argv, str(tmp_path / "full")]) == 0
+    full = (tmp_path / "full" / "records.jsonl").read_text()
+    out = tmp_path / "cut"
+    original, calls = Install._prompt, []
+
+    def stopped_at_the_second_prompt(self, b):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(b)
+        return original(self, b)
+
+    monkeypatch.setattr(Install, "_prompt", stopped_at_the_second_prompt)
+    assert main([*argv, str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "records are saved sequence by sequence" in err and err.strip().endswith(f"--out {out} --resume")
+    monkeypatch.setattr(Install, "_prompt", original)
+    assert main([*argv, str(out)]) == 2 and "--resume" in capsys.readouterr().err
+    assert main([*argv, str(out), "--resume"]) == 0
+    assert "unfinished: its finished units are kept" in capsys.readouterr().out
+    assert (out / "records.jsonl").read_text() == full  # the first prompt was not run again, the rest was
+    summary = (tmp_path / "full" / "summary.json").read_text()
+    assert (out / "summary.json").read_text() == summary
+    assert main([*argv, str(out), "--resume"]) == 0  # finished: nothing runs again
+    assert "finished: no unit runs again" in capsys.readouterr().out
+    assert (out / "records.jsonl").read_text() == full and (out / "summary.json").read_text() == summary
+    assert main([*argv[:-1], "--multiples", "2", "--out", str(out), "--resume"]) == 2
+    assert "other settings (config:" in capsys.readouterr().err

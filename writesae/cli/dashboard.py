@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.dashboard import DashboardConfig, build_dashboard, write_dashboard
 
-    out = common.protocol_out_dir(args, "dashboard", finished="index.html")
+    out = common.restartable_out_dir(args, "dashboard", finished="index.html")
     if out is None:
         return
     if args.model is None:

@@ -8,8 +8,8 @@ from writesae.cli import options
 
 NAME = "demo"
 HELP = "the whole pipeline offline on a shipped model, with headline figures"
-RESUME_NOTE = ("the store and the SAE training continue from their checkpoints, finished stages are kept, "
-               "and the protocol stages run again")  # fmt: skip
+RESUME_NOTE = ("the stores and the SAE training continue from their checkpoints, the protocols from their record "
+               "logs; finished stages are kept")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from writesae.cli import common, options
 
 NAME = "install"
 HELP = "installs during generation (paper section 5.3)"
-RESUME_NOTE = "a finished run is kept; an unfinished one starts again, as it keeps no partial results"
+RESUME_NOTE = common.PROTOCOL_RESUME_NOTE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,13 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from writesae.protocols.install import InstallConfig, run_install
+    from writesae.protocols.install import Install, InstallConfig
 
-    out = common.protocol_out_dir(args, "install run")
-    if out is None:
-        return
-    model = common.load_model(args)
     config = common.protocol_config(InstallConfig, args)
-    result = run_install(model, common.token_blocks(model, args), args.layer, args.head, config=config, out_dir=out)
-    common.print_json("installs (pooled, by m)", {str(g["multiple"]): g for g in result.summary["saturation"]})
-    print(f"results in {out}")
+    common.run_protocol_command(args, "install run", lambda model, tokens: Install(model, tokens, args.layer, args.head, config=config),
+                                hidden=("groups",))  # fmt: skip

@@ -1,4 +1,4 @@
-"""``writesae logit-shift``: the closed-form logit shift (paper section 4)."""
+"""``writesae logit-shift``: the logit shift of atoms written into the state (paper section 4)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 from writesae.cli import common, options
 
 NAME = "logit-shift"
-HELP = "the closed-form logit shift (paper section 4)"
-RESUME_NOTE = "a finished run is kept; an unfinished one starts again, as it keeps no partial results"
+HELP = "the logit shift of atoms written into the state: the paper's formula against the exact first-order shift (paper section 4)"
+RESUME_NOTE = common.PROTOCOL_RESUME_NOTE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from writesae.protocols.logit_shift import LogitShiftConfig, run_logit_shift
+    from writesae.protocols.logit_shift import LogitShift, LogitShiftConfig
 
-    common.run_sae_protocol(args, "logit-shift run", LogitShiftConfig, run_logit_shift, hidden=("ladder", "atoms"))
+    common.run_sae_protocol(args, "logit-shift run", LogitShiftConfig, LogitShift, hidden=("ladder", "atoms"))

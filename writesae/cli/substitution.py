@@ -8,7 +8,7 @@ from writesae.cli import common, options
 
 NAME = "substitution"
 HELP = "the substitution test (paper section 3)"
-RESUME_NOTE = "a finished run is kept; an unfinished one starts again, as it keeps no partial results"
+RESUME_NOTE = common.PROTOCOL_RESUME_NOTE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from writesae.protocols.substitution import SubstitutionConfig, run_substitution
+    from writesae.protocols.substitution import SubstitutionConfig, SubstitutionTest
 
-    common.run_sae_protocol(args, "substitution run", SubstitutionConfig, run_substitution, hidden=("population",))
+    common.run_sae_protocol(args, "substitution run", SubstitutionConfig, SubstitutionTest, hidden=("population",))

@@ -1,1 +1,1 @@
-"""The paper's experiments as protocols: substitution, closed-form logit shift, installs, statistics."""
+"""The paper's experiments as protocols on one path (`run`): substitution, logit shift, installs; their statistics."""
