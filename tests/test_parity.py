@@ -27,6 +27,8 @@ def test_logits_match_hf(pair, padded):
     logits, cache = model.run_with_cache(tokens, attention_mask=mask)
     assert (logits - expected).abs().max() <= 1e-5
     assert model.cfg.hook_name(0, "hook_state") in cache.cache_dict
+    # W_U (with a muP logit multiplier folded in) maps the final normed residual to the logits.
+    torch.testing.assert_close(cache["ln_final.hook_normalized"] @ model.W_U, expected, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
