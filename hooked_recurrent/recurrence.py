@@ -132,16 +132,16 @@ def chunked_scan(
     """
     lanes, length, d_k = inputs.key.shape
     d_v = inputs.value.shape[-1]
-    non_finite = _non_finite_positions(inputs)
-    if non_finite is not None:
-        return _poisoned_scan(inputs, initial_state, chunk_size, return_states, *non_finite)
     if length == 0:
         empty = inputs.value.new_zeros(lanes, 0, d_v)
         states = inputs.value.new_zeros(lanes, 0, d_k, d_v) if return_states else None
         return RecurrenceResult(empty, initial_state, states)
     chunk = max(1, min(chunk_size, length))
-    if chunk == 1:
+    if chunk == 1:  # causal by construction: a NaN or inf spoils its own position and later ones only
         return _token_scan(inputs, initial_state, return_states)
+    non_finite = _non_finite_positions(inputs)
+    if non_finite is not None:
+        return _poisoned_scan(inputs, initial_state, chunk_size, return_states, *non_finite)
     pad = (-length) % chunk
     n_chunks = (length + pad) // chunk
 

@@ -89,7 +89,8 @@ def test_runtime_shape_checks_are_active():
 
 @pytest.mark.parametrize("bad", ["key", "value", "log_decay", "erase", "query"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-decay", "per-channel-decay"])
-def test_a_non_finite_input_spoils_only_later_positions(bad, per_channel):
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_a_non_finite_input_spoils_only_later_positions(bad, per_channel, chunk):
     """NaN in one position's input leaves every earlier output as the float64 reference has it (a
     chunk's matrix products must not carry it backwards) and spoils what a token-by-token loop
     would: its own output for a query, the state and all later outputs for a write."""
@@ -98,7 +99,7 @@ def test_a_non_finite_input_spoils_only_later_positions(bad, per_channel):
     broken[1, 21] = float("nan")
     setattr(x, bad, broken)
     initial = torch.randn(3, 8, 12, dtype=F64)
-    result = chunked_scan(x, initial, chunk_size=16, return_states=True)
+    result = chunked_scan(x, initial, chunk_size=chunk, return_states=True)
     states, reads = recurrence(as_factors(x), initial_state=initial.unsqueeze(1))
     spoiled = torch.zeros(3, 40, dtype=torch.bool)
     spoiled[1, 21:] = True if bad != "query" else False
