@@ -20,6 +20,9 @@ from hooked_recurrent.presets import build_preset
 from writesae import CheckpointError, TensorSource, TrainerConfig, WriteSAE, WriteSAETrainer
 from writesae.cli import main
 from writesae.outputs import OutputExistsError, prepare_output_dir
+from writesae.protocols.install import InstallConfig
+from writesae.protocols.logit_shift import LogitShiftConfig
+from writesae.protocols.substitution import SubstitutionConfig
 from writesae.store import WriteStore, collect
 from writesae.trainer import TrainingError
 
@@ -196,6 +199,12 @@ CASES = [
     ("train-bad-batch-size", lambda tmp: TrainerConfig(batch_size=0), V, r"batch_size must be >= 1"),
     ("train-bad-betas", lambda tmp: TrainerConfig(adam_betas=(1.5, 0.9)), V, r"adam_betas must be two numbers in \[0, 1\)"),
     ("train-bad-grad-clip", lambda tmp: TrainerConfig(grad_clip=-1.0), V, r"grad_clip must be > 0, or None"),
+    # protocol configs built in Python
+    ("config-n-atoms-0", lambda tmp: LogitShiftConfig(n_atoms=0), V, r"LogitShiftConfig\.n_atoms=0: every value must be a finite number > 0"),
+    ("config-no-epsilons", lambda tmp: LogitShiftConfig(epsilons=()), V, r"LogitShiftConfig\.epsilons is empty"),
+    ("config-unknown-choice", lambda tmp: SubstitutionConfig(scale="norm"), (V, T), r"Type-check error|SubstitutionConfig\.scale='norm' is not one of 'activation', 'matched_norm'"),
+    ("config-negative-multiple", lambda tmp: InstallConfig(multiples=(1.5, -3.0)), V, r"InstallConfig\.multiples=\(1\.5, -3\.0\): every value must be a finite number > 0"),
+    ("config-nan-threshold", lambda tmp: SubstitutionConfig(register_threshold=float("nan")), V, r"register_threshold=nan: .*>= 0"),
     # the command line (argparse: exit status 2, "argument --NAME: ..." on stderr)
     ("cli-seq-len-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--seq-len", "0", "--out", "x"), S, r"--seq-len: 0 is not a positive whole number"),
     ("cli-sequences-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--sequences", "0", "--out", "x"), S, r"--sequences: 0"),

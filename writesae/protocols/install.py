@@ -43,6 +43,7 @@ from hooked_recurrent.fork import on_rows
 from hooked_recurrent.linear_response import LOGITS, linear_responses
 
 from .cell import Cell, CellTrace, trace_cell
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, unit_generator
 from .walk import SequenceWalk
@@ -84,6 +85,10 @@ class InstallConfig:
     rank_classes: tuple[tuple[str, int, int | None], ...] = (("midrank", 100, 1000), ("rare", 10_000, None))
     targets_per_class: int = 2
     seed: int = 2026
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("multiples", "window", "new_tokens", "targets_per_class"),
+                     nonnegative=("ends_from_last",), nonempty=("multiples", "ends_from_last", "rank_classes"))  # fmt: skip
 
 
 @dataclass

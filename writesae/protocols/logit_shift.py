@@ -49,6 +49,7 @@ from hooked_recurrent.linear_response import LOGITS, cache_responses, linear_res
 
 from .activity import scan_activity
 from .cell import sae_cell, trace_cell
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, unit_generator
 from .walk import SequenceWalk
@@ -87,6 +88,10 @@ class LogitShiftConfig:
     positions_per_prompt: int = 1
     n_atoms: int = 8
     seed: int = 2026
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("epsilons", "horizons", "positions_per_prompt", "n_atoms"),
+                     nonempty=("epsilons", "horizons"))  # fmt: skip
 
 
 @dataclass

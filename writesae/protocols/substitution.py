@@ -45,6 +45,7 @@ from hooked_recurrent.edits import add_to_states, set_writes
 
 from .activity import Activity, Firing, partition_alive, scan_activity, select_firings
 from .cell import Cell, CellTrace, sae_cell, trace_cell
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, unit_generator
 from .stats import (
@@ -125,6 +126,9 @@ class SubstitutionConfig:
     scan_batch_size: int = 8
 
     def __post_init__(self) -> None:
+        check_config(self, positive=("n_atoms", "max_firings_per_atom", "min_firings", "n_bootstrap", "n_permutations",
+                                     "sequences_per_unit", "scan_batch_size"),
+                     nonnegative=("kl_offsets", "register_threshold"), nonempty=("kl_offsets",))  # fmt: skip
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"variants {unknown} are not among {list(VARIANTS)}")
