@@ -11,6 +11,7 @@ Examples::
     writesae substitution Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/subst
     writesae logit-shift Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/logit
     writesae install Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/install
+    writesae passage-nll Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/passage-nll
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -42,6 +43,7 @@ COMMANDS = (
     "install",
     "demo",
     "dashboard",
+    "passage_nll",
 )
 
 
