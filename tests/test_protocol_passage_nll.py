@@ -19,9 +19,7 @@ from writesae.protocols.passage_nll import PassageNLLConfig, run_passage_nll
 
 def planted_sae(model, layer, head, trace, positions):
     """A write SAE whose atom j is the unit-norm native write at ``positions[j]``: a perfect register there."""
-    cfg = WriteSAEConfig.build(
-        d_k=model.cfg.d_k, d_v=model.cfg.d_v, d_sae=len(positions) + 1, k=1
-    )
+    cfg = WriteSAEConfig.build(d_k=model.cfg.d_k, d_v=model.cfg.d_v, d_sae=len(positions) + 1, k=1)
     cfg.metadata.hook_name = model.cfg.hook_name(layer, "hook_write")
     cfg.metadata.hook_head_index = head
     cfg.metadata.model_name = model.cfg.model_name
@@ -30,17 +28,12 @@ def planted_sae(model, layer, head, trace, positions):
     for j, t in enumerate(positions):
         sae.W_dec_key.data[j, 0] = unit(trace.key[0, t], dim=0)
         sae.W_dec_value.data[j, 0] = unit(trace.value[0, t], dim=0)
-    firings = [
-        Firing(0, t, j, float(trace.write_norm()[0, t]))
-        for j, t in enumerate(positions)
-    ]
+    firings = [Firing(0, t, j, float(trace.write_norm()[0, t])) for j, t in enumerate(positions)]
     return sae, firings
 
 
 def bits(logits, tokens):
-    return float(
-        torch.nn.functional.cross_entropy(logits[0, :-1].double(), tokens[0, 1:])
-    ) / math.log(2)
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1].double(), tokens[0, 1:])) / math.log(2)
 
 
 @pytest.mark.parametrize("arch", CORE_PRESETS)
@@ -51,9 +44,7 @@ def test_planted_atoms_cost_nothing_and_deletion_equals_a_direct_run(arch, tmp_p
     tokens = random_tokens(1, 28, seed=2)
     trace = trace_cell(model, tokens, Cell(layer, head))
     sae, firings = planted_sae(model, layer, head, trace, positions)
-    result = run_passage_nll(
-        model, sae, tokens, firings=firings, out_dir=tmp_path, verbose=False
-    )
+    result = run_passage_nll(model, sae, tokens, firings=firings, out_dir=tmp_path, verbose=False)
     (record,) = result.records
     assert record.n_positions == len(positions) == record.n_firings
     # The atom times its code is the native write itself: the passage is unchanged.
@@ -64,20 +55,11 @@ def test_planted_atoms_cost_nothing_and_deletion_equals_a_direct_run(arch, tmp_p
         fwd_hooks=[(Cell(layer, head).write_hook(model), delete_writes(positions))],
     )
     assert record.nll_bits["delete"] == pytest.approx(bits(deleted, tokens), abs=1e-5)
-    assert record.nll_bits["base"] == pytest.approx(
-        bits(model(tokens), tokens), abs=1e-5
-    )
-    assert (
-        abs(record.delta_bits["delete"]) > 1e-4
-        and abs(record.delta_bits["random"]) > 1e-4
-    )
+    assert record.nll_bits["base"] == pytest.approx(bits(model(tokens), tokens), abs=1e-5)
+    assert abs(record.delta_bits["delete"]) > 1e-4 and abs(record.delta_bits["random"]) > 1e-4
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["headline"]["delete_bits_per_token"] == pytest.approx(
-        record.delta_bits["delete"]
-    )
-    assert {"settings.json", "records.jsonl", "report.md", "passage_nll.png"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert summary["headline"]["delete_bits_per_token"] == pytest.approx(record.delta_bits["delete"])
+    assert {"settings.json", "records.jsonl", "report.md", "passage_nll.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
 @torch.no_grad()
@@ -88,17 +70,13 @@ def test_on_the_trained_model_deleting_planted_register_writes_raises_the_nll():
     model = HookedRecurrentModel.from_pretrained("stdlib:qwen3.5")
     from writesae.tokens import token_blocks
 
-    tokens = token_blocks(
-        model, "stdlib", split="val", n_sequences=1, seq_len=96, seed=3
-    )
+    tokens = token_blocks(model, "stdlib", split="val", n_sequences=1, seq_len=96, seed=3)
     layer, head = 2, 3
     positions = list(range(8, 88, 4))
     trace = trace_cell(model, tokens, Cell(layer, head))
     sae, firings = planted_sae(model, layer, head, trace, positions)
     config = PassageNLLConfig(random_mode="add")
-    (record,) = run_passage_nll(
-        model, sae, tokens, firings=firings, config=config, verbose=False
-    ).records
+    (record,) = run_passage_nll(model, sae, tokens, firings=firings, config=config, verbose=False).records
     assert abs(record.delta_bits["atom"]) < 1e-4 < record.delta_bits["delete"]
 
 

@@ -12,6 +12,7 @@ Examples::
     writesae logit-shift Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/logit
     writesae install Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/install
     writesae passage-nll Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/passage-nll
+    writesae reconstruction-ppl Qwen/Qwen3.5-0.8B --sae saes/L9H0/sae saes/L9H1/sae --seq-len 1024 --out runs/recon-ppl
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -44,6 +45,7 @@ COMMANDS = (
     "demo",
     "dashboard",
     "passage_nll",
+    "reconstruction_ppl",
 )
 
 

@@ -7,7 +7,9 @@ import argparse
 from writesae.cli import common, options
 
 NAME = "passage-nll"
-HELP = "passage NLL in bits/token with every register firing's write deleted vs matched-norm random writes (paper Fig. 2b)"
+HELP = (
+    "passage NLL in bits/token with every register firing's write deleted vs matched-norm random writes (paper Fig. 2b)"
+)
 RESUME_NOTE = common.PROTOCOL_RESUME_NOTE
 
 
@@ -54,6 +56,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from writesae.protocols.passage_nll import PassageNLL, PassageNLLConfig
 
-    common.run_sae_protocol(
-        args, "passage-nll run", PassageNLLConfig, PassageNLL, hidden=()
-    )
+    common.run_sae_protocol(args, "passage-nll run", PassageNLLConfig, PassageNLL, hidden=())

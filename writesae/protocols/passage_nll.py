@@ -38,6 +38,7 @@ from hooked_recurrent.fork import fork
 
 from .activity import Firing, partition_alive, scan_activity, select_firings
 from .cell import sae_cell, trace_cell
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, unit_generator
 from .stats import paired_wilcoxon
@@ -48,7 +49,8 @@ __all__ = ["CONDITIONS", "PAPER_REFERENCE", "PassageNLL", "PassageNLLConfig", "P
 PAPER_REFERENCE: dict[str, str] = {
     "table": "Fig. 2b",
     "model": "Qwen3.5-0.8B L9 H4, 20 OpenWebText passages",
-    "value": "delete every register firing +0.005 bits/token vs matched-norm random rank-1 +0.226: 41.87x, holds in 19/20",
+    "value": "delete every register firing +0.005 bits/token vs matched-norm random rank-1 +0.226: 41.87x, "
+    "holds in 19/20",
 }
 """The paper's figure (paper-spec §3.8), for reports that put it beside a run's."""
 
@@ -81,6 +83,9 @@ class PassageNLLConfig:
     max_positions: int | None = None
     seed: int = 2026
 
+    def __post_init__(self) -> None:
+        check_config(self, positive=("register_threshold", "max_positions"))
+
 
 @dataclass
 class PassageNLLRecord:
@@ -103,14 +108,10 @@ class PassageNLLRecord:
     delta_bits: dict[str, float]
 
 
-def nll_bits(
-    logits: Float[Tensor, "pos d_vocab"], tokens: Int[Tensor, " pos"]
-) -> float:
+def nll_bits(logits: Float[Tensor, "pos d_vocab"], tokens: Int[Tensor, " pos"]) -> float:
     """Mean next-token NLL of ``tokens[1:]`` given ``logits[:-1]``, in bits per token."""
     log_p = torch.log_softmax(logits[:-1].double(), dim=-1)
-    return float(
-        -log_p.gather(-1, tokens[1:, None].to(log_p.device)).mean()
-    ) / math.log(2)
+    return float(-log_p.gather(-1, tokens[1:, None].to(log_p.device)).mean()) / math.log(2)
 
 
 class PassageNLL(Protocol[PassageNLLRecord]):
@@ -148,20 +149,14 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         if firings is None:
             activity = scan_activity(model, sae, tokens, self.cell, self.kind)
             if atoms is None and config.atoms == "registers":
-                partition = partition_alive(
-                    activity, config.register_threshold, config.seed
-                )
+                partition = partition_alive(activity, config.register_threshold, config.seed)
                 atoms, self.n_registers = partition.registers, len(partition.registers)
             firings = (
-                select_firings(
-                    activity, atoms=atoms, max_per_atom=tokens.numel(), seed=config.seed
-                )
+                select_firings(activity, atoms=atoms, max_per_atom=tokens.numel(), seed=config.seed)
                 if atoms != []
                 else []
             )
-        self.firings = sorted(
-            firings, key=lambda f: (f.sequence, f.position, -f.activation)
-        )
+        self.firings = sorted(firings, key=lambda f: (f.sequence, f.position, -f.activation))
         with torch.no_grad():
             self.atom_norms = sae.get_W_dec_norm().float().cpu()
 
@@ -205,9 +200,7 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         positions = sorted(top)
         generator = unit_generator(config.seed, f"passage-{b}")
         if config.max_positions is not None and len(positions) > config.max_positions:
-            keep = torch.randperm(len(positions), generator=generator)[
-                : config.max_positions
-            ]
+            keep = torch.randperm(len(positions), generator=generator)[: config.max_positions]
             positions = sorted(positions[i] for i in keep.tolist())
         trace = trace_cell(self.model, tokens, self.cell)
         hook = self.cell.write_hook(self.model)
@@ -215,38 +208,22 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         for t in positions:
             native = trace.write(0, t).float()
             firing = top[t]
-            atom = (
-                self.sae.atom_matrices(torch.tensor([firing.atom]))[0]
-                .detach()
-                .float()
-                .cpu()
-            )
+            atom = self.sae.atom_matrices(torch.tensor([firing.atom]))[0].detach().float().cpu()
             factor = (
                 firing.activation
                 if config.scale == "activation"
                 else float(native.norm()) / float(self.atom_norms[firing.atom])
             )
             key = torch.randn(native.shape[0], generator=generator, dtype=torch.float64)
-            value = torch.randn(
-                native.shape[1], generator=generator, dtype=torch.float64
-            )
+            value = torch.randn(native.shape[1], generator=generator, dtype=torch.float64)
             random = torch.outer(key, value).float()
             random = random * (native.norm() / random.norm().clamp(min=1e-30))
             writes["delete"][t] = torch.zeros_like(native)
             writes["atom"][t] = factor * atom
-            writes["random"][t] = (
-                random if config.random_mode == "replace" else native + random
-            )
-        conditions = [[]] + [
-            [(hook, set_writes(writes[c]))] if positions else [] for c in CONDITIONS
-        ]
-        logits = (
-            fork(self.model, tokens, 0, conditions)[:, 0].float().cpu()
-        )  # [1 + conditions, pos, vocab]
-        nll = {
-            name: nll_bits(logits[i], tokens[0])
-            for i, name in enumerate(("base", *CONDITIONS))
-        }
+            writes["random"][t] = random if config.random_mode == "replace" else native + random
+        conditions = [[]] + [[(hook, set_writes(writes[c]))] if positions else [] for c in CONDITIONS]
+        logits = fork(self.model, tokens, 0, conditions)[:, 0].float().cpu()  # [1 + conditions, pos, vocab]
+        nll = {name: nll_bits(logits[i], tokens[0]) for i, name in enumerate(("base", *CONDITIONS))}
         edited = set(positions)
         return [PassageNLLRecord(
             passage=b, n_tokens=tokens.shape[1] - 1, n_positions=len(positions),
@@ -291,21 +268,23 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         }
         return summary
 
-    def report(
-        self, summary: dict[str, Any], records: list[PassageNLLRecord]
-    ) -> list[tuple[str, str]]:
+    def report(self, summary: dict[str, Any], records: list[PassageNLLRecord]) -> list[tuple[str, str]]:
         sections = [("Settings", config_table(self.config))]
         if not records:
             return sections + [("Headline", "No passages.")]
         h, n = summary["headline"], summary["n_passages"]
         sections.append((
             "Headline",
-            (f"Editing the write at every firing of the selected atoms ({summary['edited_fraction']:.1%} of positions) changes "
+            (f"Editing the write at every firing of the selected atoms ({summary['edited_fraction']:.1%} of positions) "
+             "changes "
             f"the passage NLL by **{h['delete_bits_per_token']:+.4f}** bits/token when deleted and "
-            f"**{h['random_bits_per_token']:+.4f}** bits/token with matched-norm random rank-1 writes ({self.config.random_mode}): "
-            f"random / delete = {h['random_over_delete']:.3g}x; random costs more than deleting in {h['holds_in']} passages "
+            f"**{h['random_bits_per_token']:+.4f}** bits/token with matched-norm random rank-1 writes "
+            f"({self.config.random_mode}): "
+            f"random / delete = {h['random_over_delete']:.3g}x; random costs more than deleting in {h['holds_in']} "
+            "passages "
             f"(paired Wilcoxon p = {summary['wilcoxon_p_random_vs_delete']:.3g}). The atoms in place of the writes: "
-            f"{h['atom_bits_per_token']:+.4f} bits/token, below deletion in {summary['passages_atom_below_delete']}/{n} passages. "
+            f"{h['atom_bits_per_token']:+.4f} bits/token, below deletion in "
+            f"{summary['passages_atom_below_delete']}/{n} passages. "
             f"Paper ({PAPER_REFERENCE['model']}, a different model): {PAPER_REFERENCE['value']}."),
         ))  # fmt: skip
         rows = [{"passage": r.passage, "positions": r.n_positions, "base": r.nll_bits["base"],
@@ -318,14 +297,10 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         )
         return sections
 
-    def plots(
-        self, summary: dict[str, Any], records: list[PassageNLLRecord], plt: Any
-    ) -> dict[str, Any]:
+    def plots(self, summary: dict[str, Any], records: list[PassageNLLRecord], plt: Any) -> dict[str, Any]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x = np.arange(len(records))
-        for i, (c, color) in enumerate(
-            zip(CONDITIONS, ("tab:orange", "tab:green", "tab:red"))
-        ):
+        for i, (c, color) in enumerate(zip(CONDITIONS, ("tab:orange", "tab:green", "tab:red"))):
             ax.bar(
                 x + (i - 1) * 0.27,
                 [r.delta_bits[c] for r in records],
@@ -337,9 +312,7 @@ class PassageNLL(Protocol[PassageNLLRecord]):
         ax.set_xlabel("passage")
         ax.set_ylabel("NLL change (bits/token)")
         ax.legend()
-        ax.set_title(
-            f"random / delete = {summary['headline']['random_over_delete']:.3g}x"
-        )
+        ax.set_title(f"random / delete = {summary['headline']['random_over_delete']:.3g}x")
         return {"passage_nll.png": fig}
 
 
