@@ -4,6 +4,7 @@ Examples::
 
     writesae demo                                   # offline, the shipped stdlib:qwen3.5, ~minutes on a CPU
     writesae demo --model stdlib:mamba2
+    writesae demo --full                            # then every paper protocol on both shipped models, one report
     writesae collect Qwen/Qwen3.5-0.8B --layer 9 --heads 4 --tokens hf:Skylion007/openwebtext \\
         --sequences 5000 --seq-len 1024 --out stores/L9H4 --device cuda --dtype bfloat16
     writesae train stores/L9H4 --layer 9 --head 4 --d-sae 2048 --k 32 --epochs 20 --out saes/L9H4

@@ -45,6 +45,7 @@ __all__ = [
     "add_model_options",
     "add_token_options",
     "add_output_options",
+    "add_resume_options",
 ]
 
 # Floating dtypes only: weights and states are real numbers, and an integer store would round them away.
@@ -185,6 +186,11 @@ def add_output_options(parser: argparse.ArgumentParser, what: str, default: str 
         parser.add_argument("--out", type=Path, required=True, help=f"folder of the {what}")
     else:
         parser.add_argument("--out", type=Path, default=Path(default), help=f"folder of the {what} (default: {default})")
+    add_resume_options(parser, what)
+
+
+def add_resume_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--resume`` or ``--overwrite`` an existing ``--out`` (for a command that defines ``--out`` itself)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help=f"continue the interrupted {what} in --out")
     group.add_argument("--overwrite", action="store_true", help=f"delete what --out holds and start a new {what}")

@@ -1,0 +1,181 @@
+"""The paper protocols of ``writesae demo --full``: one entry each, in report order.
+
+An entry says how a protocol gets its inputs from the demo (`DemoContext`: the model, the cell
+with the longest memory, the WriteSAEs on its states and writes, held-out stdlib text), at which
+sizes it runs in ``--full`` (``sizes``) and in the quick check the tests run (``tiny``), which of
+its summary's figures the overview shows, and when it does not apply to a model (with the reason,
+which the report lists). Adding a protocol is adding one entry to `FULL_PROTOCOLS`.
+
+Each protocol module exposes ``PAPER_REFERENCE`` (``table``, ``model``, ``value``) and its summary a
+flat ``"headline"`` dict (docs/design.md §7). The three protocols that predate that contract (the
+demo runs them itself) get their references and headlines here; their stages reuse the demo's runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .context import DemoContext
+
+__all__ = ["FULL_PROTOCOLS", "FullProtocol", "RunFn", "protocol_names"]
+
+RunFn = Callable[[DemoContext, Path, str, dict[str, Any]], dict[str, Any]]
+"""``run(ctx, out_dir, mode, sizes) -> summary``: run the protocol into ``out_dir`` (``mode`` as for
+`writesae.protocols.run.run_protocol`) and return its summary."""
+
+
+def _always(ctx: DemoContext) -> str | None:
+    return None
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    return dict(summary["headline"])
+
+
+@dataclass(frozen=True)
+class FullProtocol:
+    """One row of the full demo.
+
+    Attributes:
+        name: Its stage folder and row name (the subcommand's name).
+        module: The protocol module (``writesae.protocols.substitution``); its ``PAPER_REFERENCE`` is
+            cited unless ``reference`` is given.
+        what: One line: what it measures.
+        run: How it runs on the demo's inputs (see `RunFn`); None with ``demo_run``.
+        sizes: Its sizes in ``--full`` (passed to ``run``).
+        tiny: Its sizes in the quick check (``sizes`` updated with these).
+        key_figures: Headline keys shown in the overview table (default: the first three).
+        headline: The flat headline from the summary (default: ``summary["headline"]``).
+        applies: None when it applies to the model, else the reason it does not.
+        reference: The paper's values, when the module has no ``PAPER_REFERENCE``: a list of
+            ``{"table", "model", "value"}`` dicts.
+        demo_run: The regular demo already runs it, into this folder of its own: the stage reads that
+            run (no extra time) instead of running the protocol again.
+    """
+
+    name: str
+    module: str
+    what: str
+    run: RunFn | None = None
+    sizes: dict[str, Any] = field(default_factory=dict)
+    tiny: dict[str, Any] = field(default_factory=dict)
+    key_figures: tuple[str, ...] = ()
+    headline: Callable[[dict[str, Any]], dict[str, Any]] = _headline
+    applies: Callable[[DemoContext], str | None] = _always
+    reference: tuple[dict[str, str], ...] = ()
+    demo_run: str | None = None
+
+    def references(self) -> list[dict[str, str]]:
+        """The paper's values to cite (the module's ``PAPER_REFERENCE`` unless the entry gives its own)."""
+        if self.reference:
+            return list(self.reference)
+        ref = getattr(importlib.import_module(self.module), "PAPER_REFERENCE", None)
+        if ref is None:
+            return [{"table": "?", "model": "?", "value": f"{self.module} has no PAPER_REFERENCE"}]
+        return list(ref) if isinstance(ref, (list, tuple)) else [dict(ref)]
+
+    def sizes_for(self, preset: str) -> dict[str, Any]:
+        """``sizes`` (``preset="full"``) or ``sizes`` with ``tiny`` on top (``"tiny"``)."""
+        return {**self.sizes, **(self.tiny if preset == "tiny" else {})}
+
+
+# ----- the protocols the regular demo already runs: their stages read the demo's run directories, and the
+# paper's values are given here (these modules predate the PAPER_REFERENCE contract)
+
+
+def _substitution_headline(summary: dict[str, Any]) -> dict[str, Any]:
+    h, p = summary["headline"], summary["partition"]
+    return {"variant": h["variant"], "n_firings": h["n"], "win_rate": h["win_rate"], "wilson95": h["wilson95"],
+            "strict_chain_rate": h["strict_chain_rate"], "cliffs_delta": h["cliffs_delta"], "wilcoxon_p": h["wilcoxon_p"],
+            "median_kl_atom": h["median_kl"]["atom"]["median"], "median_kl_delete": h["median_kl"]["delete"]["median"],
+            "median_kl_random": h["median_kl"]["random"]["median"], "registers": p["n_registers"],
+            "bundles": p["n_bundles"]}  # fmt: skip
+
+
+def _logit_shift_headline(summary: dict[str, Any]) -> dict[str, Any]:
+    r2 = summary["median_r2"]
+    return {"eps_unit": summary["eps_unit"], "median_r2_paper_formula": r2["out_proj"], "median_r2_exact": r2["exact"],
+            "median_r2_triple_fit": summary["median_r2_triple_fit"], "n_cells": summary["n_cells"],
+            "n_records": summary["n_records"]}  # fmt: skip
+
+
+def _install_headline(summary: dict[str, Any]) -> dict[str, Any]:
+    rows = summary["saturation"]
+    at3 = min(rows, key=lambda row: abs(row["multiple"] - 3.0)) if rows else {}
+    return {"multiple": at3.get("multiple"), "n_trials": at3.get("n"), "in_continuation": at3.get("in_continuation"),
+            "in_base_continuation": at3.get("in_base_continuation"), "rank_improved": at3.get("rank_improved"),
+            "median_logp_lift": at3.get("median_logp_lift"), "key": summary["key"], "direction": summary["direction"]}  # fmt: skip
+
+
+_DEMO_PROTOCOLS = (
+    FullProtocol(
+        "substitution",
+        "writesae.protocols.substitution",
+        "per firing: the write replaced by the atom, deleted, or replaced by a random control; KL to the unedited model",
+        key_figures=("win_rate", "n_firings", "strict_chain_rate"),
+        headline=_substitution_headline,
+        demo_run="substitution",
+        reference=(
+            {
+                "table": "Table 2",
+                "model": "Qwen3.5-0.8B L1/L9/L17 H4",
+                "value": "atom beats deletion on 92.4% of 4,851 firings (L9: 91.2%, Cliff's delta +0.825); strict chain "
+                "89.5%; median KL atom 0.40, delete 1.09, random 2.02 at L9; 222 registers / 94 bundles",
+            },
+            {
+                "table": "§6.2",
+                "model": "Mamba-2-370M L24 H0",
+                "value": "88.1% of 2,500 firings (Wilson [86.8, 89.3]); median KL atom 0.97, delete 1.62, random 2.32",
+            },
+        ),
+    ),
+    FullProtocol(
+        "logit-shift",
+        "writesae.protocols.logit_shift",
+        "an atom added to a cached state: the later logit shift vs the paper's closed form and the exact first order",
+        key_figures=("median_r2_paper_formula", "median_r2_exact", "median_r2_triple_fit"),
+        headline=_logit_shift_headline,
+        demo_run="logit_shift",
+        reference=(
+            {
+                "table": "Fig. 7, App. A",
+                "model": "Qwen3.5-0.8B L9 H4",
+                "value": "median R^2 0.983 (IQR [0.977, 0.990]) over 200 (atom, eps) cells, with G fitted per "
+                "(prompt, atom, token) triple",
+            },
+            {"table": "§4.4", "model": "Mamba-2-370M L24 H0", "value": "the same formula gives R^2 -0.07"},
+        ),
+    ),
+    FullProtocol(
+        "install",
+        "writesae.protocols.install",
+        "a target token's direction written at 3 positions, then greedy generation: inclusion, rank, log-prob lift",
+        key_figures=("in_continuation", "in_base_continuation", "median_logp_lift"),
+        headline=_install_headline,
+        demo_run="install",
+        reference=(
+            {
+                "table": "Tables 3, 20",
+                "model": "Qwen3.5-0.8B L9 H4",
+                "value": "at m = 3: target in continuation 25.0% pooled vs 8.3% native (ranks 100-1000: 100% vs 33.3%); "
+                "rank improved 77.4%; median first-step lift +1.27 nats",
+            },
+            {"table": "§5.5", "model": "Mamba-2-370M L24 H0", "value": "no lift over 3,600 trials; median lift ~0"},
+        ),
+    ),
+)
+
+
+# ----- the paper's other tables and figures (issue 15): one entry per protocol module
+
+
+FULL_PROTOCOLS: tuple[FullProtocol, ...] = _DEMO_PROTOCOLS
+"""Every protocol of ``writesae demo --full``, in report order."""
+
+
+def protocol_names() -> list[str]:
+    return [entry.name for entry in FULL_PROTOCOLS]
