@@ -14,6 +14,7 @@ Examples::
     writesae install Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/install
     writesae passage-nll Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/passage-nll
     writesae reconstruction-ppl Qwen/Qwen3.5-0.8B --sae saes/L9H0/sae saes/L9H1/sae --seq-len 1024 --out runs/recon-ppl
+    writesae spectra Qwen/Qwen3.5-0.8B --out runs/spectra
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -43,6 +44,7 @@ COMMANDS = (
     "substitution",
     "logit_shift",
     "install",
+    "spectra",
     "demo",
     "dashboard",
     "passage_nll",

@@ -61,7 +61,7 @@ from writesae.outputs import RecordLog, jsonable, prepare_output_dir
 
 from .report import RunDir, plt_module
 
-__all__ = ["Protocol", "ProtocolResult", "run_protocol", "load_run", "unit_generator", "SETTINGS", "SUMMARY"]
+__all__ = ["Protocol", "ProtocolResult", "run_protocol", "load_run", "unit_generator", "token_fingerprint", "SETTINGS", "SUMMARY"]
 
 R = TypeVar("R")
 
@@ -126,6 +126,13 @@ class ProtocolResult(Generic[R]):
 def unit_generator(seed: int, unit: str) -> torch.Generator:
     """A generator seeded by the protocol's seed and the unit's key (stable across processes)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(unit.encode())) % 2**63)
+
+
+def token_fingerprint(tokens: torch.Tensor) -> dict[str, Any]:
+    """The shape and SHA-1 of a token tensor, for a protocol's settings (a resume must read the same tokens)."""
+    import hashlib
+
+    return {"shape": list(tokens.shape), "sha1": hashlib.sha1(tokens.cpu().numpy().tobytes()).hexdigest()}
 
 
 def run_protocol(
