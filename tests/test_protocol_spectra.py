@@ -105,3 +105,13 @@ def test_records_match_svdvals_of_cached_states_and_a_planted_head_is_rank_one(a
     written = {f.name for f in tmp_path.iterdir()}
     assert {"settings.json", "records.jsonl", "summary.json", "report.md", "spectra.png"} <= written
     assert result.summary["paper_reference"] == PAPER_REFERENCE
+
+
+def test_bad_settings_are_refused_with_the_fix():
+    model, _ = tiny_pair("tiny-random:mamba2")
+    with pytest.raises(ValueError, match="covariance_samples"):
+        SpectraConfig(covariance_samples=-1)
+    with pytest.raises(ValueError, match="not matrix-recurrent"):
+        run_spectra(model, random_tokens(1, 8), config=SpectraConfig(layers=(7,)), verbose=False)
+    with pytest.raises(ValueError, match="skip_first"):
+        run_spectra(model, random_tokens(1, 1), verbose=False)

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, token_fingerprint, unit_generator
 
@@ -87,6 +88,9 @@ class SpectraConfig:
     covariance_samples: int = 1024
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("batch_size",), nonnegative=("skip_first", "covariance_samples"))
 
 
 @dataclass
