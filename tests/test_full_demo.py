@@ -29,10 +29,10 @@ def _broken(ctx, out_dir, mode, sizes):
 
 
 # Two planted entries: one that does not apply to the model, one that fails; both must be listed.
+REFERENCE = ({"table": "-", "model": "-", "value": "-"},)
 NOT_APPLICABLE = FullProtocol("planted-not-applicable", "writesae.protocols.run", "never runs here", _broken,
-                              applies=_not_applicable, reference=({"table": "-", "model": "-", "value": "-"},))  # fmt: skip
-BROKEN = FullProtocol("planted-failure", "writesae.protocols.run", "always fails", _broken,
-                      reference=({"table": "-", "model": "-", "value": "-"},))  # fmt: skip
+                              applies=_not_applicable, reference=REFERENCE)  # fmt: skip
+BROKEN = FullProtocol("planted-failure", "writesae.protocols.run", "always fails", _broken, reference=REFERENCE)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_report_has_a_row_per_protocol_with_its_runs_figures(quick_run):
     for entry in FULL_PROTOCOLS:
         row = rows[entry.name]
         assert row["status"] == "ran", row
-        assert re.search(rf"^\| `{re.escape(entry.name)}` \|", overview, flags=re.M), entry.name
+        assert re.search(rf"^\| `{re.escape(entry.name)}` \|", overview, flags=re.MULTILINE), entry.name
         # The figures are those of the protocol's own run directory (the demo's, or the stage's).
         run = load_run(out / row["run_dir"])
         assert entry.headline(run.summary) == row["headline"] and row["headline"]
@@ -70,16 +70,19 @@ def test_report_has_a_row_per_protocol_with_its_runs_figures(quick_run):
         refs = entry.references()
         assert refs and all(ref["model"] in report and ref["value"][:40] in report for ref in refs)
     assert "references from different, far larger models" in report
-    assert json.loads((out / "summary.json").read_text())["models"][MODEL]["protocols"] == summary["models"][MODEL]["protocols"]
+    written = json.loads((out / "summary.json").read_text())
+    assert written["models"][MODEL]["protocols"] == summary["models"][MODEL]["protocols"]
 
 
 def test_nothing_is_skipped_silently(quick_run):
     rows = {row["protocol"]: row for row in quick_run["first"]["models"][MODEL]["protocols"]}
     assert rows["planted-not-applicable"]["status"] == "not applicable"
-    assert rows["planted-failure"]["status"] == "failed" and "ArithmeticError: a planted failure" in rows["planted-failure"]["error"]
+    assert rows["planted-failure"]["status"] == "failed"
+    assert "ArithmeticError: a planted failure" in rows["planted-failure"]["error"]
     report = quick_run["report_with_planted"]
     not_run = report.split("## Not run")[1]
-    assert "`planted-not-applicable` on stdlib:qwen3.5: not applicable (needs an attention layer after the cell)" in not_run
+    reason = "needs an attention layer after the cell"
+    assert f"`planted-not-applicable` on stdlib:qwen3.5: not applicable ({reason})" in not_run
     assert "`planted-failure` on stdlib:qwen3.5: failed (ArithmeticError: a planted failure)" in not_run
     # the failure did not stop the stages after it, nor the ones before it
     assert all(rows[entry.name]["status"] == "ran" for entry in FULL_PROTOCOLS)
@@ -95,7 +98,7 @@ def test_resume_keeps_finished_stages(quick_run):
 
 def test_full_flag_options_are_checked(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "a")]) == 2
-    assert "--quick goes with --full" in capsys.readouterr().err
+    assert "--quick and --jobs go with --full" in capsys.readouterr().err
     assert main(["demo", "--full", "--layer", "1", "--head", "0", "--out", str(tmp_path / "b")]) == 2
     assert "give one model (--model)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

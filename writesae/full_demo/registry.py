@@ -48,7 +48,7 @@ class FullProtocol:
         run: How it runs on the demo's inputs (see `RunFn`); None with ``demo_run``.
         sizes: Its sizes in ``--full`` (passed to ``run``).
         tiny: Its sizes in the quick check (``sizes`` updated with these).
-        key_figures: Headline keys shown in the overview table (default: the first three).
+        key_figures: Headline keys shown in the overview table, `fnmatch` patterns (default: the first three).
         headline: The flat headline from the summary (default: ``summary["headline"]``).
         applies: None when it applies to the model, else the reason it does not.
         reference: The paper's values, when the module has no ``PAPER_REFERENCE``: a list of
@@ -90,7 +90,8 @@ class FullProtocol:
 def _substitution_headline(summary: dict[str, Any]) -> dict[str, Any]:
     h, p = summary["headline"], summary["partition"]
     return {"variant": h["variant"], "n_firings": h["n"], "win_rate": h["win_rate"], "wilson95": h["wilson95"],
-            "strict_chain_rate": h["strict_chain_rate"], "cliffs_delta": h["cliffs_delta"], "wilcoxon_p": h["wilcoxon_p"],
+            "strict_chain_rate": h["strict_chain_rate"], "cliffs_delta": h["cliffs_delta"],
+            "wilcoxon_p": h["wilcoxon_p"],
             "median_kl_atom": h["median_kl"]["atom"]["median"], "median_kl_delete": h["median_kl"]["delete"]["median"],
             "median_kl_random": h["median_kl"]["random"]["median"], "registers": p["n_registers"],
             "bundles": p["n_bundles"]}  # fmt: skip
@@ -108,14 +109,15 @@ def _install_headline(summary: dict[str, Any]) -> dict[str, Any]:
     at3 = min(rows, key=lambda row: abs(row["multiple"] - 3.0)) if rows else {}
     return {"multiple": at3.get("multiple"), "n_trials": at3.get("n"), "in_continuation": at3.get("in_continuation"),
             "in_base_continuation": at3.get("in_base_continuation"), "rank_improved": at3.get("rank_improved"),
-            "median_logp_lift": at3.get("median_logp_lift"), "key": summary["key"], "direction": summary["direction"]}  # fmt: skip
+            "median_logp_lift": at3.get("median_logp_lift"), "key": summary["key"],
+            "direction": summary["direction"]}  # fmt: skip
 
 
 _DEMO_PROTOCOLS = (
     FullProtocol(
         "substitution",
         "writesae.protocols.substitution",
-        "per firing: the write replaced by the atom, deleted, or replaced by a random control; KL to the unedited model",
+        "per firing: the write replaced by the atom, deleted, or by a random control; KL to the unedited model",
         key_figures=("win_rate", "n_firings", "strict_chain_rate"),
         headline=_substitution_headline,
         demo_run="substitution",
@@ -123,7 +125,8 @@ _DEMO_PROTOCOLS = (
             {
                 "table": "Table 2",
                 "model": "Qwen3.5-0.8B L1/L9/L17 H4",
-                "value": "atom beats deletion on 92.4% of 4,851 firings (L9: 91.2%, Cliff's delta +0.825); strict chain "
+                "value": "atom beats deletion on 92.4% of 4,851 firings (L9: 91.2%, Cliff's delta +0.825); strict "
+                "chain "
                 "89.5%; median KL atom 0.40, delete 1.09, random 2.02 at L9; 222 registers / 94 bundles",
             },
             {
@@ -161,7 +164,8 @@ _DEMO_PROTOCOLS = (
             {
                 "table": "Tables 3, 20",
                 "model": "Qwen3.5-0.8B L9 H4",
-                "value": "at m = 3: target in continuation 25.0% pooled vs 8.3% native (ranks 100-1000: 100% vs 33.3%); "
+                "value": "at m = 3: target in continuation 25.0% pooled vs 8.3% native (ranks 100-1000: 100% vs "
+                "33.3%); "
                 "rank improved 77.4%; median first-step lift +1.27 nats",
             },
             {"table": "§5.5", "model": "Mamba-2-370M L24 H0", "value": "no lift over 3,600 trials; median lift ~0"},
@@ -173,7 +177,59 @@ _DEMO_PROTOCOLS = (
 # ----- the paper's other tables and figures (issue 15): one entry per protocol module
 
 
-FULL_PROTOCOLS: tuple[FullProtocol, ...] = _DEMO_PROTOCOLS
+TOKEN_SIZES = ("sequences", "seq_len")
+"""Size keys that choose the text (held-out stdlib blocks); every other size key is a config field."""
+
+
+def _config(module: Any, config_cls: str, sizes: dict[str, Any]) -> Any:
+    """The protocol's config: its defaults (the paper's settings) with the demo's sizes for its fields."""
+    from dataclasses import fields
+
+    cls = getattr(module, config_cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(sizes) - names - set(TOKEN_SIZES))
+    if unknown:
+        raise ValueError(f"sizes {unknown} are neither fields of {cls.__name__} nor {TOKEN_SIZES}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if k in names})
+
+
+def _on_sae(module_name: str, function: str, config_cls: str) -> RunFn:
+    """``function(model, sae, tokens, config=...)``: the demo's state SAE (the paper's setting) on held-out text."""
+
+    def run(ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
+        module = importlib.import_module(module_name)
+        tokens = ctx.tokens(sizes["sequences"], sizes.get("seq_len"))
+        result = getattr(module, function)(ctx.model, ctx.sae, tokens, config=_config(module, config_cls, sizes),
+                                           out_dir=out_dir, mode=mode, verbose=False)  # fmt: skip
+        return result.summary
+
+    return run
+
+
+_PAPER_PROTOCOLS = (
+    FullProtocol(
+        "passage-nll",
+        "writesae.protocols.passage_nll",
+        "every register firing's write in a passage deleted, replaced by its atom, or by a random write: NLL change",
+        _on_sae("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
+        sizes={"sequences": 20},
+        tiny={"sequences": 2},
+        key_figures=("delete_bits_per_token", "random_bits_per_token", "holds_in"),
+    ),
+    FullProtocol(
+        "reconstruction-ppl",
+        "writesae.protocols.reconstruction_ppl",
+        "the cell's state replaced by its SAE reconstruction after position P: perplexity change after P (the demo "
+        "has one head's SAE, so one head, rank-1 atoms)",
+        _on_sae("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
+        sizes={"sequences": 32, "position": 63},  # the demo's 128-token blocks: replaced after the first half
+        tiny={"sequences": 2, "position": 23},
+        key_figures=("rank-1_pct_change*", "zeroed_state_pct_change", "base_perplexity"),
+    ),
+)
+
+
+FULL_PROTOCOLS: tuple[FullProtocol, ...] = _DEMO_PROTOCOLS + _PAPER_PROTOCOLS
 """Every protocol of ``writesae demo --full``, in report order."""
 
 

@@ -86,15 +86,16 @@ def full_report(combined: dict[str, Any]) -> str:
         keys = list(dict.fromkeys(k for r in rows.values() if r for k in r["headline"]))
         if keys:
             lines += ["", "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-            lines += [f"| {k} | " + " | ".join(fmt(r["headline"].get(k)) if r and k in r["headline"] else "" for r in rows.values())
-                      + " |" for k in keys]  # fmt: skip
+            for k in keys:
+                values = [fmt(r["headline"][k]) if r and k in r["headline"] else "" for r in rows.values()]
+                lines.append(f"| {k} | " + " | ".join(values) + " |")
         lines.append("")
         for m, r in rows.items():
             if r is None:
                 continue
             where = f"`{r['run_dir']}`" + (" (the demo's own run)" if r["in_demo"] else "")
-            status = {"ran": f"ran in {r['seconds']:.0f} s, {where}", "not applicable": f"not applicable: {r['reason']}",
-                      "failed": f"FAILED: {r['error']}"}[r["status"]]  # fmt: skip
+            status = {"ran": f"ran in {r['seconds']:.0f} s, {where}", "failed": f"FAILED: {r['error']}",
+                      "not applicable": f"not applicable: {r['reason']}"}[r["status"]]  # fmt: skip
             sizes = fmt(r["sizes"]) or "the demo's"
             lines.append(f"- {m}: {status}; sizes: {sizes}")
         lines.append("")
@@ -123,9 +124,10 @@ def _timing(combined: dict[str, Any]) -> list[str]:
     load = machine.get("load_average_at_end") or machine["load_average_at_start"]
     lines.append("")
     lines.append(
-        f"{combined.get('seconds', 0):.0f} s in all, preset `{combined['preset']}`, {machine['torch_threads']} torch "
-        f"thread(s) on {machine['cpu_count']} CPUs; load average (1, 5, 15 min) {fmt(machine['load_average_at_start'])} "
-        f"at the start, {fmt(load)} at the end (other processes shared the machine when it is above the CPU count)."
+        f"{combined.get('seconds', 0):.0f} s in all, preset `{combined['preset']}`, {machine.get('processes', 1)} "
+        f"model(s) at once with {machine['torch_threads']} torch thread(s) each, on {machine['cpu_count']} CPUs; load "
+        f"average (1, 5, 15 min) {fmt(machine['load_average_at_start'])} at the start, {fmt(load)} at the end (other "
+        "processes shared the machine when it is above the CPU count)."
     )
     lines.append("")
     return lines

@@ -20,9 +20,13 @@ traceback printed), the other stages still run, and the run ends with an error n
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sys
 import time
 import traceback
+from collections.abc import Iterator
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,7 @@ def run_full_demo(
     preset: str = "full",
     demo_sizes: dict[str, int] | None = None,
     protocols: tuple[FullProtocol, ...] = FULL_PROTOCOLS,
+    jobs: int | None = None,
     layer: int | None = None,
     head: int | None = None,
     seed: int = 0,
@@ -86,6 +91,9 @@ def run_full_demo(
             every stage: `TINY_DEMO_SIZES` and each protocol's ``tiny`` sizes).
         demo_sizes: Overrides of the demo's sizes (on top of the preset's).
         protocols: The registry (default: `FULL_PROTOCOLS`).
+        jobs: Models run at once, each in a process of its own with ``threads`` threads (default: one
+            per CPU, at most one per model; one off the CPU); a registry other than `FULL_PROTOCOLS`
+            runs in this process.
         layer: The cell's layer (with ``head``; one model only); default: each model's head with the
             longest memory.
         head: The cell's head.
@@ -119,14 +127,33 @@ def run_full_demo(
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_at_start": list(os.getloadavg())},
     }  # fmt: skip
-    for model_name in models:
-        model_dir = out / model_folder(model_name)
-        combined["models"][model_name] = _run_model(model_name, model_dir, sizes, preset, protocols, (layer, head), seed,
-                                                    threads, mode, device, start)  # fmt: skip
-        _write(out, combined, start)
+    if protocols is not FULL_PROTOCOLS or (jobs is None and device != "cpu"):
+        jobs = 1  # a custom registry may not pickle; one accelerator is best shared by taking turns
+    jobs = min(len(models), jobs or os.cpu_count() or 1)
+    combined["machine"]["processes"] = jobs
+    settings = {"sizes": sizes, "preset": preset, "cell": (layer, head), "seed": seed, "threads": threads, "mode": mode,
+                "device": device, "start": start}  # fmt: skip
+    broken: list[str] = []
+    if jobs == 1:
+        for model_name in models:
+            combined["models"][model_name] = _run_model(
+                model_name, out / model_folder(model_name), protocols, **settings
+            )
+            _write(out, combined, start)
+    else:
+        for model_name, run in _in_processes(models, out, jobs, settings):
+            if isinstance(run, str):
+                broken.append(f"{model_name} ({run})")
+            else:
+                combined["models"][model_name] = run
+            combined["models"] = {m: combined["models"][m] for m in models if m in combined["models"]}  # in order
+            _write(out, combined, start)
     failed = [f"{m} {row['protocol']}" for m, run in combined["models"].items() for row in run["protocols"]
               if row["status"] == "failed"]  # fmt: skip
     _log(f"combined report: {out / 'report.md'}", start)
+    if broken:
+        raise FullDemoError(f"the demo of {', '.join(broken)} stopped (traceback above); {out / 'report.md'} holds the "
+                            "other models; fix it and continue with --resume")  # fmt: skip
     if failed:
         raise FullDemoError(f"{len(failed)} protocol stage(s) failed: {', '.join(failed)}; {out / 'report.md'} lists "
                             "their errors (tracebacks above); fix them and continue with --resume")  # fmt: skip
@@ -140,8 +167,10 @@ def _write(out: Path, combined: dict[str, Any], start: float) -> None:
     atomic_write_text(out / "report.md", full_report(combined))
 
 
-def _run_model(model_name: str, model_dir: Path, sizes: dict[str, int], preset: str, protocols: tuple[FullProtocol, ...],
-               cell: tuple[int | None, int | None], seed: int, threads: int | None, mode: OutputMode, device: str, start: float) -> dict[str, Any]:  # fmt: skip
+def _run_model(model_name: str, model_dir: Path, protocols: tuple[FullProtocol, ...], *, sizes: dict[str, int],
+               preset: str,
+               cell: tuple[int | None, int | None], seed: int, threads: int | None, mode: OutputMode, device: str,
+               start: float) -> dict[str, Any]:  # fmt: skip
     """The demo of one model, then each protocol in its own stage folder."""
     from writesae.demo import run_demo
 
@@ -150,16 +179,77 @@ def _run_model(model_name: str, model_dir: Path, sizes: dict[str, int], preset: 
         _log(f"{model_name}: the demo in {model_dir} has finished; kept", start)
     else:
         _log(f"{model_name}: the demo, into {model_dir}", start)
-        run_demo(model_name, out_dir=model_dir, layer=cell[0], head=cell[1], seed=seed, sizes=sizes, threads=threads, mode=_stage_mode(model_dir, mode),
-                 device=device)  # fmt: skip
+        run_demo(model_name, out_dir=model_dir, layer=cell[0], head=cell[1], seed=seed, sizes=sizes, threads=threads,
+                 mode=_stage_mode(model_dir, mode), device=device)  # fmt: skip
     demo_seconds = time.time() - begin
     ctx = DemoContext.load(model_name, model_dir, sizes, seed=seed, device=device)
     rows = [_run_stage(entry, ctx, model_dir, preset, mode, start) for entry in protocols]
     run = {"folder": model_dir.name, "cell": ctx.figures["cell"], "layer_types": list(ctx.model.cfg.layer_types),
-           "demo_seconds": round(demo_seconds, 1), "seconds": round(time.time() - begin, 1), "protocols": rows}  # fmt: skip
+           "demo_seconds": round(demo_seconds, 1), "seconds": round(time.time() - begin, 1),
+           "protocols": rows}  # fmt: skip
     (model_dir / "paper").mkdir(exist_ok=True)
     atomic_write_text(model_dir / "paper" / "summary.json", json.dumps(run, indent=2, default=str) + "\n")
     return run
+
+
+def _in_processes(models: tuple[str, ...] | list[str], out: Path, jobs: int, settings: dict[str, Any]
+                  ) -> Iterator[tuple[str, dict[str, Any] | str]]:  # fmt: skip
+    """Run `_run_model` per model in ``jobs`` processes; yield ``(model, its run)`` as each ends (or why it stopped).
+
+    Each process prints its lines prefixed with its model's folder. Stopped here (Ctrl-C, SIGTERM),
+    the processes are stopped too; every finished stage is on disk for ``--resume``.
+    """
+    context = multiprocessing.get_context("spawn")  # a fork of a process that has run torch can hang
+    pending, running = list(models), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                process = context.Process(target=_model_process, args=(name, out, settings), name=f"demo-full {name}")
+                process.start()
+                running[name] = process
+            wait([process.sentinel for process in running.values()])
+            for name, process in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[name]
+                done = out / model_folder(name) / "paper" / "summary.json"
+                if process.exitcode == 0 and done.is_file():
+                    yield name, json.loads(done.read_text())
+                else:
+                    yield name, f"exit code {process.exitcode}"
+    finally:
+        for process in running.values():
+            process.terminate()
+            process.join()
+
+
+class _Prefixed:
+    """A text stream that starts every line with ``prefix`` (the output of one model's process)."""
+
+    def __init__(self, stream: Any, prefix: str) -> None:
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start and piece.strip():
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith(("\n", "\r"))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _model_process(model_name: str, out: Path, settings: dict[str, Any]) -> None:
+    """The body of one model's process (`_in_processes`)."""
+    sys.stdout = _Prefixed(sys.stdout, f"[{model_folder(model_name)}] ")
+    sys.stderr = _Prefixed(sys.stderr, f"[{model_folder(model_name)}] ")
+    if settings["threads"] is not None:
+        torch.set_num_threads(settings["threads"])
+    _run_model(model_name, out / model_folder(model_name), FULL_PROTOCOLS, **settings)
 
 
 def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: str, mode: OutputMode,
@@ -169,8 +259,8 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     stage = model_dir / "paper" / entry.name
     row: dict[str, Any] = {"protocol": entry.name, "module": entry.module, "what": entry.what, "sizes": sizes,
                            "run_dir": str(Path(model_dir.name) / (entry.demo_run or Path("paper", entry.name))),
-                           "in_demo": entry.demo_run is not None, "reason": None, "error": None, "headline": {}, "key_figures": [],
-                           "seconds": 0.0}  # fmt: skip
+                           "in_demo": entry.demo_run is not None, "reason": None, "error": None, "headline": {},
+                           "key_figures": [], "seconds": 0.0}  # fmt: skip
     try:
         row["references"] = entry.references()
         reason = entry.applies(ctx)
@@ -213,7 +303,9 @@ def _summary(
 
 
 def _key_figures(entry: FullProtocol, headline: dict[str, Any]) -> list[str]:
-    keys = [k for k in entry.key_figures if k in headline]
+    from fnmatch import fnmatchcase
+
+    keys = [k for pattern in entry.key_figures for k in headline if fnmatchcase(k, pattern)]
     return keys or list(headline)[:3]
 
 
