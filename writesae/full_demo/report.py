@@ -94,8 +94,12 @@ def full_report(combined: dict[str, Any]) -> str:
             if r is None:
                 continue
             where = f"`{r['run_dir']}`" + (" (the demo's own run)" if r["in_demo"] else "")
-            status = {"ran": f"ran in {r['seconds']:.0f} s, {where}", "failed": f"FAILED: {r['error']}",
-                      "not applicable": f"not applicable: {r['reason']}"}[r["status"]]  # fmt: skip
+            ran = f"ran in {r['seconds']:.0f} s ({r.get('cpu_seconds', 0):.0f} s CPU), {where}"
+            status = {
+                "ran": ran,
+                "failed": f"FAILED: {r['error']}",
+                "not applicable": f"not applicable: {r['reason']}",
+            }[r["status"]]
             sizes = fmt(r["sizes"]) or "the demo's"
             lines.append(f"- {m}: {status}; sizes: {sizes}")
         lines.append("")
@@ -116,11 +120,18 @@ def _not_run(combined: dict[str, Any]) -> list[str]:
 
 def _timing(combined: dict[str, Any]) -> list[str]:
     machine = combined["machine"]
-    lines = ["## Time", "", "| model | demo (s) | paper protocols (s) | total (s) |", "|---|---|---|---|"]
+    lines = [
+        "## Time",
+        "",
+        "Wall time, and CPU time of the model's process (with one torch thread: its wall time on an idle core).",
+        "",
+        "| model | demo (s) | paper protocols (s) | total (s) | demo CPU (s) | total CPU (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, run in combined["models"].items():
-        lines.append(
-            f"| {m} | {run['demo_seconds']:.0f} | {run['seconds'] - run['demo_seconds']:.0f} | {run['seconds']:.0f} |"
-        )
+        protocols = run["seconds"] - run["demo_seconds"]
+        lines.append(f"| {m} | {run['demo_seconds']:.0f} | {protocols:.0f} | {run['seconds']:.0f} | "
+                     f"{run.get('demo_cpu_seconds', 0):.0f} | {run.get('cpu_seconds', 0):.0f} |")  # fmt: skip
     load = machine.get("load_average_at_end") or machine["load_average_at_start"]
     lines.append("")
     lines.append(

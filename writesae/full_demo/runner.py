@@ -174,18 +174,19 @@ def _run_model(model_name: str, model_dir: Path, protocols: tuple[FullProtocol, 
     """The demo of one model, then each protocol in its own stage folder."""
     from writesae.demo import run_demo
 
-    begin = time.time()
+    begin, begin_cpu = time.time(), time.process_time()
     if mode == "resume" and (model_dir / "summary.json").is_file():
         _log(f"{model_name}: the demo in {model_dir} has finished; kept", start)
     else:
         _log(f"{model_name}: the demo, into {model_dir}", start)
         run_demo(model_name, out_dir=model_dir, layer=cell[0], head=cell[1], seed=seed, sizes=sizes, threads=threads,
                  mode=_stage_mode(model_dir, mode), device=device)  # fmt: skip
-    demo_seconds = time.time() - begin
+    demo_seconds, demo_cpu = time.time() - begin, time.process_time() - begin_cpu
     ctx = DemoContext.load(model_name, model_dir, sizes, seed=seed, device=device)
     rows = [_run_stage(entry, ctx, model_dir, preset, mode, start) for entry in protocols]
     run = {"folder": model_dir.name, "cell": ctx.figures["cell"], "layer_types": list(ctx.model.cfg.layer_types),
            "demo_seconds": round(demo_seconds, 1), "seconds": round(time.time() - begin, 1),
+           "demo_cpu_seconds": round(demo_cpu, 1), "cpu_seconds": round(time.process_time() - begin_cpu, 1),
            "protocols": rows}  # fmt: skip
     (model_dir / "paper").mkdir(exist_ok=True)
     atomic_write_text(model_dir / "paper" / "summary.json", json.dumps(run, indent=2, default=str) + "\n")
@@ -260,7 +261,7 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     row: dict[str, Any] = {"protocol": entry.name, "module": entry.module, "what": entry.what, "sizes": sizes,
                            "run_dir": str(Path(model_dir.name) / (entry.demo_run or Path("paper", entry.name))),
                            "in_demo": entry.demo_run is not None, "reason": None, "error": None, "headline": {},
-                           "key_figures": [], "seconds": 0.0}  # fmt: skip
+                           "key_figures": [], "seconds": 0.0, "cpu_seconds": 0.0}  # fmt: skip
     try:
         row["references"] = entry.references()
         reason = entry.applies(ctx)
@@ -270,7 +271,7 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     if reason is not None:
         _log(f"{ctx.model_name}: {entry.name}: not applicable ({reason})", start)
         return {**row, "status": "not applicable", "reason": reason}
-    begin = time.time()
+    begin, begin_cpu = time.time(), time.process_time()
     try:
         summary = _summary(entry, ctx, stage, _stage_mode(stage, mode), sizes)
         row["headline"] = entry.headline(summary)
@@ -278,7 +279,7 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     except Exception as err:  # noqa: BLE001  a failed protocol is listed in the report; the others still run
         traceback.print_exc()
         row["status"], row["error"] = "failed", f"{type(err).__name__}: {err}"
-    row["seconds"] = round(time.time() - begin, 1)
+    row["seconds"], row["cpu_seconds"] = round(time.time() - begin, 1), round(time.process_time() - begin_cpu, 1)
     shown = {k: row["headline"][k] for k in _key_figures(entry, row["headline"])}
     _log(f"{ctx.model_name}: {entry.name} ({row['seconds']:.0f} s): {row['status']}"
          + (f": {row['error']}" if row["error"] else f"; {_short(shown)}"), start)  # fmt: skip
