@@ -15,6 +15,7 @@ Examples::
     writesae passage-nll Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --tokens hf:Skylion007/openwebtext --out runs/passage-nll
     writesae reconstruction-ppl Qwen/Qwen3.5-0.8B --sae saes/L9H0/sae saes/L9H1/sae --seq-len 1024 --out runs/recon-ppl
     writesae spectra Qwen/Qwen3.5-0.8B --out runs/spectra
+    writesae selectivity Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/selectivity
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -45,6 +46,7 @@ COMMANDS = (
     "logit_shift",
     "install",
     "spectra",
+    "selectivity",
     "demo",
     "dashboard",
     "passage_nll",
