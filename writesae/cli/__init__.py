@@ -16,6 +16,7 @@ Examples::
     writesae reconstruction-ppl Qwen/Qwen3.5-0.8B --sae saes/L9H0/sae saes/L9H1/sae --seq-len 1024 --out runs/recon-ppl
     writesae spectra Qwen/Qwen3.5-0.8B --out runs/spectra
     writesae selectivity Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/selectivity
+    writesae flat-svd Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --flat-sae saes/L9H4-flat/sae --out runs/flat-svd
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -47,6 +48,7 @@ COMMANDS = (
     "install",
     "spectra",
     "selectivity",
+    "flat_svd",
     "demo",
     "dashboard",
     "passage_nll",

@@ -38,15 +38,17 @@ def print_json(title: str, data: dict[str, Any]) -> None:
     print(f"{title}: {json.dumps(data, indent=2, default=str)}")
 
 
-def protocol_config(cls: type, args: argparse.Namespace) -> Any:
-    """A protocol config from the command-line options that share its field names (unset: its default).
+def protocol_config(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """A protocol config from the command-line options that share its field names (unset: its
+    default, or ``base``'s value when a ``base`` config is given).
 
     Options given several values (``nargs="+"``) arrive as lists; the configs hold tuples.
     """
-    from dataclasses import fields
+    from dataclasses import fields, replace
 
     values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+    return cls(**values) if base is None else replace(base, **values)
 
 
 def restartable_out_dir(args: argparse.Namespace, what: str, finished: str) -> Any:

@@ -367,17 +367,24 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         for variant in self.config.measured:
             substitute, scale = variant.split("/")
             atom, coefficient = (firing.atom, firing.activation) if substitute == "firing" else dominant
-            factor = coefficient if scale == "activation" else native_norm / float(self.atom_norms[atom])
+            matrix, norm = self._substitute(firing, atom)
+            factor = coefficient if scale == "activation" else native_norm / norm
             # Equal conditions share one key, so one row: the dominant atom is often the firing one, and
             # at the matched norm the random control does not depend on the atom.
             atom_key = ("atom", atom, factor)
             if atom_key not in plan.matrices:
-                plan.matrices[atom_key] = factor * self.sae.atom_matrices(torch.tensor([atom]))[0].detach().float().cpu()
+                plan.matrices[atom_key] = factor * matrix
             norm = float(plan.matrices[atom_key].norm())
             random_key = ("random", firing.atom, norm)
             plan.matrices.setdefault(random_key, direction * norm)
             plan.atoms[variant], plan.randoms[variant] = atom_key, random_key
         return plan
+
+    def _substitute(self, firing: Firing, atom: int) -> tuple[Float[Tensor, "d_k d_v"], float]:
+        """The matrix put in place of the write when ``atom`` is substituted at ``firing``'s position,
+        before scaling, and the norm the matched-norm scale divides by: the atom and its Frobenius norm.
+        (`writesae.protocols.flat_svd` puts a flat SAE's top singular pair here instead.)"""
+        return self.sae.atom_matrices(torch.tensor([atom]))[0].detach().float().cpu(), float(self.atom_norms[atom])
 
     def _random_direction(
         self, firing: Firing, active: Tensor, trace: CellTrace, row: int, mask: Tensor | None, generator: torch.Generator
