@@ -193,15 +193,16 @@ def _config(module: Any, config_cls: str, sizes: dict[str, Any]) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if k in names})
 
 
-def _on_sae(module_name: str, function: str, config_cls: str) -> RunFn:
-    """``function(model, sae, tokens, config=...)``: the demo's state SAE (the paper's setting) on held-out text."""
+def _on_text(module_name: str, function: str, config_cls: str, sae: str | None = "state") -> RunFn:
+    """``function(model, [sae,] tokens, config=...)`` on held-out text, with the demo's SAE on the cell's states
+    (the paper's setting; ``sae="write"``: the one on its writes; None: the protocol takes no SAE)."""
 
     def run(ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
         module = importlib.import_module(module_name)
         tokens = ctx.tokens(sizes["sequences"], sizes.get("seq_len"))
-        result = getattr(module, function)(ctx.model, ctx.sae, tokens, config=_config(module, config_cls, sizes),
-                                           out_dir=out_dir, mode=mode, verbose=False)  # fmt: skip
-        return result.summary
+        inputs = (ctx.model, tokens) if sae is None else (ctx.model, ctx.saes[sae], tokens)
+        config = _config(module, config_cls, sizes)
+        return getattr(module, function)(*inputs, config=config, out_dir=out_dir, mode=mode, verbose=False).summary
 
     return run
 
@@ -211,7 +212,7 @@ _PAPER_PROTOCOLS = (
         "passage-nll",
         "writesae.protocols.passage_nll",
         "every register firing's write in a passage deleted, replaced by its atom, or by a random write: NLL change",
-        _on_sae("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
+        _on_text("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
         sizes={"sequences": 20},
         tiny={"sequences": 2},
         key_figures=("delete_bits_per_token", "random_bits_per_token", "holds_in"),
@@ -221,10 +222,19 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.reconstruction_ppl",
         "the cell's state replaced by its SAE reconstruction after position P: perplexity change after P (the demo "
         "has one head's SAE, so one head, rank-1 atoms)",
-        _on_sae("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
+        _on_text("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
         sizes={"sequences": 32, "position": 63},  # the demo's 128-token blocks: replaced after the first half
         tiny={"sequences": 2, "position": 23},
         key_figures=("rank-1_pct_change*", "zeroed_state_pct_change", "base_perplexity"),
+    ),
+    FullProtocol(
+        "spectra",
+        "writesae.protocols.spectra",
+        "singular values of every head's state: sigma1/sigma2, effective and stable rank, write reuse (no SAE)",
+        _on_text("writesae.protocols.spectra", "run_spectra", "SpectraConfig", sae=None),
+        sizes={"sequences": 16},
+        tiny={"sequences": 2, "covariance_samples": 64},
+        key_figures=("median_sigma1_over_sigma2", "median_stable_rank", "most_rank1_cell"),
     ),
 )
 
