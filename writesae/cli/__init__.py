@@ -17,6 +17,7 @@ Examples::
     writesae spectra Qwen/Qwen3.5-0.8B --out runs/spectra
     writesae selectivity Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/selectivity
     writesae flat-svd Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --flat-sae saes/L9H4-flat/sae --out runs/flat-svd
+    writesae readers Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/readers
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -49,6 +50,7 @@ COMMANDS = (
     "spectra",
     "selectivity",
     "flat_svd",
+    "readers",
     "demo",
     "dashboard",
     "passage_nll",
