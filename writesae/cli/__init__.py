@@ -18,6 +18,7 @@ Examples::
     writesae selectivity Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/selectivity
     writesae flat-svd Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --flat-sae saes/L9H4-flat/sae --out runs/flat-svd
     writesae readers Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/readers
+    writesae preferred-token Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --atom 412 --out runs/preferred-token
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -55,6 +56,7 @@ COMMANDS = (
     "dashboard",
     "passage_nll",
     "reconstruction_ppl",
+    "preferred_token",
 )
 
 
