@@ -19,6 +19,7 @@ Examples::
     writesae flat-svd Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --flat-sae saes/L9H4-flat/sae --out runs/flat-svd
     writesae readers Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/readers
     writesae preferred-token Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --atom 412 --out runs/preferred-token
+    writesae sign-test Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/sign-test
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -57,6 +58,7 @@ COMMANDS = (
     "passage_nll",
     "reconstruction_ppl",
     "preferred_token",
+    "sign_test",
 )
 
 
