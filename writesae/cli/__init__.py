@@ -20,6 +20,7 @@ Examples::
     writesae readers Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/readers
     writesae preferred-token Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --atom 412 --out runs/preferred-token
     writesae sign-test Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/sign-test
+    writesae all-heads Qwen/Qwen3.5-0.8B --saes saes/L9-heads --out runs/all-heads
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -53,6 +54,7 @@ COMMANDS = (
     "selectivity",
     "flat_svd",
     "readers",
+    "all_heads",
     "demo",
     "dashboard",
     "passage_nll",

@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .activity import Firing
+from .checks import check_config
 from .report import config_table, markdown_table
 from .run import ProtocolResult, run_protocol
 from .substitution import SubstitutionConfig, SubstitutionTest
@@ -69,8 +70,7 @@ class FlatSVDConfig:
     svd_of: Literal["reconstruction", "atom"] = "reconstruction"
 
     def __post_init__(self) -> None:
-        if self.svd_of not in ("reconstruction", "atom"):
-            raise ValueError(f"svd_of must be 'reconstruction' or 'atom' (got {self.svd_of!r})")
+        check_config(self)
 
 
 @torch.no_grad()
