@@ -29,6 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_recurrent.edits import add_to_states
+from hooked_recurrent.fork import TOKENS_PER_PASS, on_rows
 
 from .cell import Cell, sae_cell
 from .checks import check_config
@@ -237,7 +238,7 @@ class ReconstructionPPL(Protocol[ReconstructionPPLRecord]):
                         ],
                     )
                 )
-        logits = walk.fork_rows(p, conditions, until=tokens.shape[1] - 1)  # [rows * conditions, L - 1 - p, V]
+        logits = self._continue(walk, tokens, conditions)  # [rows * conditions, L - 1 - p, V]
         targets = tokens[:, p + 1 :].to(logits.device)
         records = []
         for i, b in enumerate(rows):
@@ -247,6 +248,26 @@ class ReconstructionPPL(Protocol[ReconstructionPPLRecord]):
                 nll[name] = float(-log_p.gather(-1, targets[i, :, None]).sum())
             records.append(ReconstructionPPLRecord(sequence=b, n_tokens=targets.shape[1], nll=nll))
         return records
+
+    def _continue(self, walk: SequenceWalk, tokens: Tensor, conditions: list[tuple[int, list]]) -> Tensor:
+        """Logits of positions ``P .. L-2`` under each ``(row, hooks)`` condition.
+
+        The state edits sit at ``P`` only, so only that position runs with hooks (a state hook
+        materialises every state of its call); the rest continues each edited cache unhooked, in
+        groups of about ``TOKENS_PER_PASS`` tokens.
+        """
+        p, end = self.config.position, tokens.shape[1] - 1
+        group = max(1, TOKENS_PER_PASS // (end - p))
+        logits = []
+        for first in range(0, len(conditions), group):
+            part = conditions[first : first + group]
+            rows = [row for row, _ in part]
+            cache = walk.cache_at(p).select(rows)
+            hooks = [(name, on_rows(fn, j, j + 1)) for j, (_, edits) in enumerate(part) for name, fn in edits]
+            at_p = self.model.run_with_hooks(tokens[rows, p : p + 1], cache=cache, fwd_hooks=hooks)
+            after = [self.model(tokens[rows, p + 1 : end], cache=cache)] if end > p + 1 else []
+            logits.append(torch.cat([at_p, *after], dim=1))
+        return torch.cat(logits)
 
     # ------------------------------------------------------------------ summary
 
