@@ -133,9 +133,18 @@ def add_to_writes(additions: Mapping[int | tuple[int, int], Float[Tensor, "d_k d
     return hook
 
 
-def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequence[int] | None = None) -> HookFn:
-    """Add ``delta`` to the state after ``position`` (for ``hook_state``); later states follow."""
-    _check_positions([position])
+def add_to_states(
+    position: int | Sequence[int], delta: Float[Tensor, "d_k d_v"], heads: Sequence[int] | None = None
+) -> HookFn:
+    """Add ``delta`` to the state after ``position`` (for ``hook_state``); later states follow.
+
+    ``position`` may be several positions, e.g. every decoding step of a generation. Each call
+    of the hook sees the states of its own forward call: when the positions arrive one per call
+    (decoding), every addition is carried into the later states and they accumulate; within one
+    call of several positions a state hook sees the unedited trajectory, so there each position
+    gets its native state plus ``delta`` (use one hook per position to carry them forward).
+    """
+    positions = _check_positions([position] if isinstance(position, int) else position)
     heads = _check_heads(heads)
 
     def hook(states: Float[Tensor, "batch pos *head d_k d_v"], hook: HookPoint) -> Tensor:
@@ -143,7 +152,7 @@ def add_to_states(position: int, delta: Float[Tensor, "d_k d_v"], heads: Sequenc
             _check_head_range(heads, states.shape[2], hook)
         if tuple(delta.shape) != tuple(states.shape[-2:]):
             raise ValueError(f"delta has shape {tuple(delta.shape)}; the states of {hook.name} are {tuple(states.shape[-2:])}")
-        for _, i in positions_in_call([position], hook, states.shape[1]):
+        for _, i in positions_in_call(positions, hook, states.shape[1]):
             states[_slots(states, i, heads)] += delta.to(states)
         return states
 

@@ -8,9 +8,11 @@ import pytest
 from writesae.protocols.stats import (
     cliffs_delta,
     cluster_bootstrap,
+    cohens_d_paired,
     fit_gaussian_mixture,
     mann_whitney,
     median_mad,
+    paired_t_test,
     paired_wilcoxon,
     partition_atoms,
     sign_flip_test,
@@ -79,3 +81,13 @@ def test_mixture_bic_prefers_two_classes_only_when_there_are_two():
     assert partition_atoms(dict(enumerate(unimodal))).delta_bic > -10  # no real evidence for two classes
     by_threshold = partition_atoms({0: 0.01, 1: 0.3, 2: 0.06, 3: -0.02}, threshold=0.05)
     assert by_threshold.registers == [1, 2] and by_threshold.bundles == [0, 3]
+
+
+def test_paired_t_test_and_cohens_d_by_hand():
+    # differences 1, 2, 2, 3: mean 2, sd sqrt(2/3); t = 2 / (sd / 2), d = 2 / sd; p from t with 3 dof
+    t, p = paired_t_test([1, 2, 3, 4], [2, 4, 5, 7])
+    sd = math.sqrt(2 / 3)
+    assert t == pytest.approx(2 / (sd / 2)) and cohens_d_paired([1, 2, 3, 4], [2, 4, 5, 7]) == pytest.approx(2 / sd)
+    assert p == pytest.approx(0.016276603459428555)  # 2 * (1 - F_t3(4.899)), tables: between 0.01 and 0.02
+    assert paired_t_test([1, 2], [1, 2]) == (0.0, 1.0) and cohens_d_paired([1, 2], [1, 2]) == 0.0
+    assert math.isnan(paired_t_test([1], [2])[1])

@@ -21,6 +21,7 @@ Examples::
     writesae preferred-token Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --atom 412 --out runs/preferred-token
     writesae sign-test Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/sign-test
     writesae all-heads Qwen/Qwen3.5-0.8B --saes saes/L9-heads --out runs/all-heads
+    writesae amplify Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/amplify
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -55,6 +56,7 @@ COMMANDS = (
     "flat_svd",
     "readers",
     "all_heads",
+    "amplify",
     "demo",
     "dashboard",
     "passage_nll",

@@ -39,7 +39,7 @@ from .run import Protocol, ProtocolResult, run_protocol, token_fingerprint, unit
 from .selectivity import random_rank1
 from .walk import SequenceWalk
 
-__all__ = ["PAPER_REFERENCE", "ReadersConfig", "ReaderRecord", "Readers", "run_readers", "reader_heads"]
+__all__ = ["PAPER_REFERENCE", "ReaderRecord", "Readers", "ReadersConfig", "reader_heads", "run_readers"]
 
 PAPER_REFERENCE = {
     "table": "Table 1, Fig. 11d (App. I.2)",
@@ -134,7 +134,7 @@ def reader_heads(model: Any, layer: int, kinds: Iterable[str]) -> list[tuple[int
         other = "recurrent" if "attention" in kinds else "attention"
         raise ValueError(
             f"{cfg.model_name} has no {' or '.join(kinds)} layer after layer {layer} (layer types {cfg.layer_types}), "
-            f"so nothing can read the atom there as a {' or '.join(kinds)} head. Use reader_kinds=('{other}',) "
+            f"so no {' or '.join(kinds)} head can read an atom written there. Use reader_kinds=('{other}',) "
             f"(--readers {other}) to rank later {other} heads instead, or an SAE of an earlier layer."
         )
     return found

@@ -45,16 +45,16 @@ from .run import Protocol, ProtocolResult, run_protocol, token_fingerprint, unit
 from .walk import SequenceWalk
 
 __all__ = [
-    "PAPER_REFERENCE",
     "PAIRS",
+    "PAPER_REFERENCE",
+    "Selectivity",
     "SelectivityConfig",
     "SelectivityRecord",
-    "Selectivity",
+    "orthogonal_rank1",
+    "perturbation_logit_changes",
+    "random_rank1",
     "run_selectivity",
     "topk_selectivity",
-    "orthogonal_rank1",
-    "random_rank1",
-    "perturbation_logit_changes",
 ]
 
 PAPER_REFERENCE = {
