@@ -22,6 +22,7 @@ Examples::
     writesae sign-test Qwen/Qwen3.5-0.8B --layer 9 --head 4 --out runs/sign-test
     writesae all-heads Qwen/Qwen3.5-0.8B --saes saes/L9-heads --out runs/all-heads
     writesae amplify Qwen/Qwen3.5-0.8B --sae saes/L9H4/sae --out runs/amplify
+    writesae families Qwen/Qwen3.5-0.8B --store stores/L9H4 --out runs/families
 
 Every command prints where it wrote its results and the headline figures. Every long command
 refuses an output folder that already holds files unless given ``--resume`` (continue it) or
@@ -57,6 +58,7 @@ COMMANDS = (
     "readers",
     "all_heads",
     "amplify",
+    "families",
     "demo",
     "dashboard",
     "passage_nll",

@@ -1,0 +1,62 @@
+"""SAE families at a matched budget (Tables 5, 7): parameter counts, validation MSE and win rates against
+independent recomputations from the saved SAEs."""
+
+import pytest
+import torch
+
+import writesae  # noqa: F401
+from helpers import random_tokens, tiny_pair
+from writesae import WriteSAE
+from writesae.protocols.families import FamiliesConfig, matched_d_sae, parameters_per_atom, run_families
+from writesae.protocols.flat_svd import flat_svd_test
+from writesae.protocols.run import run_protocol
+from writesae.protocols.substitution import SubstitutionConfig
+from writesae.store import WriteStore
+
+
+def test_families_at_matched_parameters_measure_what_their_saved_saes_give(tmp_path):
+    torch.manual_seed(0)
+    model, _ = tiny_pair("tiny-random:qwen3.5")
+    layer, head = model.cfg.recurrent_layers[0], 1
+    d_k, d_v = model.cfg.d_k, model.cfg.d_v
+    substitution = SubstitutionConfig(n_atoms=3, max_firings_per_atom=1, n_bootstrap=20, n_permutations=20)
+    config = FamiliesConfig(variants=("bilinear", "flat"), seeds=(0,), d_sae=32, k=2, epochs=2, budget="parameters",
+                            trainer={"batch_size": 32, "warmup_steps": 1}, substitution=substitution)
+    held_out = random_tokens(2, 8, seed=9)
+    result = run_families(model, held_out, train_tokens=random_tokens(6, 16, seed=8), layer=layer, head=head,
+                          config=config, out_dir=tmp_path, verbose=False)
+    records = {r.variant: r for r in result.records}
+    assert set(records) == {"bilinear", "flat"}
+    # App. C's parameter formulas, against the modules' own parameters.
+    for variant, r in records.items():
+        assert r.n_parameters == d_k * d_v + r.d_sae * parameters_per_atom(variant, d_k, d_v)
+    assert records["bilinear"].d_sae == 32
+    assert records["flat"].d_sae == matched_d_sae("flat", "bilinear", 32, d_k, d_v, 2)
+    budget = records["bilinear"].n_parameters
+    assert records["flat"].n_parameters <= budget < records["flat"].n_parameters + parameters_per_atom("flat", d_k, d_v)
+    # Each record's validation MSE and win rate, recomputed from the saved SAE.
+    val = WriteStore(tmp_path / "store").read(layer, head, "val")["states"].float()
+    for variant, r in records.items():
+        (folder,) = [p for p in (tmp_path / "cells").iterdir() if p.name.startswith(f"L{layer}_H{head}_{variant}_")]
+        sae = WriteSAE.load_from_disk(folder / "sae")
+        with torch.no_grad():
+            mse = float(((sae(val) - val) ** 2).mean())
+        assert r.val_mse == pytest.approx(mse, rel=1e-3)
+        test = flat_svd_test(model, sae, held_out, "reconstruction", config=substitution) if variant == "flat" else None
+        if test is None:
+            from writesae.protocols.substitution import SubstitutionTest
+
+            test = SubstitutionTest(model, sae, held_out, config=substitution)
+        summary = run_protocol(test, verbose=False).summary
+        assert r.n_firings == summary["n_firings"] > 0
+        assert r.win_rate == summary["headline"]["win_rate"]
+    h = result.summary["headline"]
+    assert h["bilinear/topk_mse_over_flat"] == pytest.approx(records["bilinear"].val_mse / records["flat"].val_mse)
+    assert (tmp_path / "families.png").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_unknown_families_are_refused():
+    with pytest.raises(ValueError, match="variants"):
+        FamiliesConfig(variants=("jumprelu",))
+    with pytest.raises(ValueError, match="sparsities"):
+        FamiliesConfig(sparsities=("gated",))
