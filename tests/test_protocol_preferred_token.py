@@ -83,5 +83,12 @@ def test_a_given_token_skips_detection_and_a_silent_atom_is_refused():
     sae.b_enc.data[:] = torch.tensor([5.0, -1e3, -1e3, -1e3])  # atom 0 fires everywhere, the rest nowhere
     protocol = PreferredToken(model, sae, tokens, config=config, preferred_token=17)
     assert protocol.preferred_token == 17 and protocol.detection_scores is None and protocol.nonfiring == []
+    disjoint = PreferredToken(
+        model, sae, tokens, config=PreferredTokenConfig(atom=0, n_firings=6, detection="disjoint")
+    )
+    assert len(disjoint.erased) == 3 and disjoint.erased == sorted(
+        disjoint.erased, key=lambda f: (f.sequence, f.position)
+    )
+    assert disjoint.detection_scores is not None and disjoint.preferred_token == int(disjoint.detection_scores.argmax())
     with pytest.raises(ValueError, match="never fires"):
         PreferredToken(model, sae, tokens, config=PreferredTokenConfig(atom=1), preferred_token=17)

@@ -195,7 +195,8 @@ class PreferredToken(Protocol[PreferredTokenRecord]):
         if config.detection == "disjoint":
             order = torch.randperm(len(sampled), generator=generator).tolist()
             half = len(sampled) // 2
-            detect, self.erased = [sampled[i] for i in order[:half]], sorted(sampled[i] for i in order[half:])
+            detect = [sampled[i] for i in order[:half]]
+            self.erased = sorted((sampled[i] for i in order[half:]), key=lambda f: (f.sequence, f.position))
         else:
             detect = self.erased = sampled
         fires = torch.zeros(tokens.shape, dtype=torch.bool)
