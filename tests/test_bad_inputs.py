@@ -22,6 +22,7 @@ from writesae.cli import main
 from writesae.outputs import OutputExistsError, prepare_output_dir
 from writesae.protocols.install import InstallConfig
 from writesae.protocols.logit_shift import LogitShiftConfig
+from writesae.protocols.readers import reader_heads
 from writesae.protocols.substitution import SubstitutionConfig
 from writesae.store import WriteStore, collect
 from writesae.trainer import TrainingError
@@ -205,6 +206,7 @@ CASES = [
     ("config-unknown-choice", lambda tmp: SubstitutionConfig(scale="norm"), (V, T), r"Type-check error|SubstitutionConfig\.scale='norm' is not one of 'activation', 'matched_norm'"),
     ("config-negative-multiple", lambda tmp: InstallConfig(multiples=(1.5, -3.0)), V, r"InstallConfig\.multiples=\(1\.5, -3\.0\): every value must be a finite number > 0"),
     ("config-nan-threshold", lambda tmp: SubstitutionConfig(register_threshold=float("nan")), V, r"register_threshold=nan: .*>= 0"),
+    ("readers-no-attention-layer", lambda tmp: reader_heads(model("mamba2"), 0, ("attention",)), V, r"has no attention layer after layer 0 .*reader_kinds=\('recurrent',\) \(--readers recurrent\)"),
     # the command line (argparse: exit status 2, "argument --NAME: ..." on stderr)
     ("cli-seq-len-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--seq-len", "0", "--out", "x"), S, r"--seq-len: 0 is not a positive whole number"),
     ("cli-sequences-0", lambda tmp: cli("collect", "tiny-random:qwen3.5", "--layer", "0", "--sequences", "0", "--out", "x"), S, r"--sequences: 0"),
