@@ -51,6 +51,20 @@ INSTALL_MULTIPLES = (0.03, 0.1, 0.3, 1.5, 3.0, 6.0)
 """The paper's 1.5, 3 and 6, with smaller multiples before them to show where the effect saturates."""
 
 INSTALL_CLASSES = (("midrank", 100, 1000), ("rare", 1000, None))
+
+PAPER_REFERENCE = {
+    "Qwen3_5ForCausalLM": {
+        "substitution": "The paper reports 92.4% on Qwen3.5-0.8B L9 H4.",
+        "install": "The paper reports, on Qwen3.5-0.8B L9 H4, rank improved in 77.4% of pooled trials and a median "
+                   "first-step lift of +1.27 nats.",
+    },
+    "Mamba2ForCausalLM": {
+        "substitution": "The paper reports 88.1% on Mamba-2-370M L24 H0 (its section 6.2).",
+        "install": "The paper reports this install as a failure on Mamba-2-370M L24 H0: median first-step lift about 0 "
+                   "over 3,600 trials (its section 5.5).",
+    },
+}  # fmt: skip
+"""The paper's figures quoted beside the demo's, per host (its other hosts get the Qwen3.5 ones)."""
 """The paper's midrank class; its rare class starts at rank 10,000, beyond a 4,096-token vocabulary."""
 
 
@@ -122,6 +136,7 @@ def run_demo(
 
     figures = {
         "model": model_name,
+        "architecture": cfg.architecture,
         "cell": {"layer": layer, "head": head},
         "sae": {kind: {"d_sae": sizes["d_sae"], "k": sizes["k"], **m} for kind, m in sae_metrics.items()},
         "splice_with_error_term_exact": exact,
@@ -257,6 +272,7 @@ def demo_report(figures: dict[str, Any], sizes: dict[str, int]) -> str:
     h, p = s["headline"], s["partition"]
     small, paper = ls["small_eps"], ls["paper_eps"]
     cell = figures["cell"]
+    reference = PAPER_REFERENCE.get(figures.get("architecture", ""), PAPER_REFERENCE["Qwen3_5ForCausalLM"])
     lines = [
         f"# WriteSAE demo: {figures['model']}, layer {cell['layer']} head {cell['head']}",
         "",
@@ -266,8 +282,7 @@ def demo_report(figures: dict[str, Any], sizes: dict[str, int]) -> str:
         f"control): the atom beats deletion on **{_pct(h['win_rate'])}** of {h['n']} firings at {h['n_positions']} "
         f"positions in {h['n_sequences']} sequences (Wilson 95% [{_pct(h['wilson95'][0])}, {_pct(h['wilson95'][1])}], "
         f"clustered by passage [{_pct(h['passage_bootstrap95'][0])}, {_pct(h['passage_bootstrap95'][1])}], passage-level "
-        f"sign-flip p = {h['permutation_p']:.3g}); strict chain {_pct(h['strict_chain_rate'])}. The paper reports 92.4% "
-        "on Qwen3.5-0.8B L9 H4.",
+        f"sign-flip p = {h['permutation_p']:.3g}); strict chain {_pct(h['strict_chain_rate'])}. {reference['substitution']}",
         f"- **Register / bundle partition** of all {p['n_alive']} alive atoms ({p['n_dead']} dead) on "
         f"{p['scanned_positions']} held-out positions: {p['n_registers']} registers, {p['n_bundles']} bundles "
         f"(two-component mixture, delta BIC {p['delta_bic']:.1f}); {p['n_above_0.05']} atoms have median cosine >= 0.05.",
@@ -277,7 +292,7 @@ def demo_report(figures: dict[str, Any], sizes: dict[str, int]) -> str:
         f"- **Installs** (key: the reading query; direction: the paper's `W_O^T W_U[T]`; norm without the write's "
         f"strength): at m = {ins['paper']['largest_multiple']['multiple']:g} the target's rank improves in "
         f"**{_pct(ins['paper']['largest_multiple']['rank_improved'])}** of trials, median first-step lift "
-        f"**{ins['paper']['largest_multiple']['median_logp_lift']:+.2f} nats**.",
+        f"**{ins['paper']['largest_multiple']['median_logp_lift']:+.2f} nats**. {reference['install']}",
         "",
         "## Alternatives beside the headline",
         "",
