@@ -53,6 +53,10 @@ def test_families_at_matched_parameters_measure_what_their_saved_saes_give(tmp_p
     h = result.summary["headline"]
     assert h["bilinear/topk_mse_over_flat"] == pytest.approx(records["bilinear"].val_mse / records["flat"].val_mse)
     assert (tmp_path / "families.png").is_file() and (tmp_path / "report.md").is_file()
+    # Resumed from the store it collected: every SAE is finished, none is trained again.
+    again = run_families(model, held_out, store=tmp_path / "store", config=config, out_dir=tmp_path, mode="resume",
+                         verbose=False)
+    assert again.records == result.records
 
 
 def test_unknown_families_are_refused():
