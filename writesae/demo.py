@@ -36,7 +36,7 @@ import torch
 from hooked_recurrent.files import atomic_write_text
 from writesae.outputs import OutputMode, holds_files, prepare_output_dir
 
-__all__ = ["run_demo", "DEMO_SIZES", "longest_memory_cell"]
+__all__ = ["run_demo", "DEMO_SIZES", "demo_trainer", "longest_memory_cell"]
 
 DEMO_SIZES = dict(
     store_sequences=256, seq_len=128, d_sae=512, k=8, epochs=20,
@@ -156,14 +156,12 @@ def _train_sae(model: Any, tokens: torch.Tensor, layer: int, head: int, kind: st
                mode: OutputMode, device: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """Capture the cell's states or writes and train a WriteSAE on them (resumable stage by stage)."""
     from writesae.store import collect
-    from writesae.trainer import TrainerConfig
     from writesae.training import train_on_store
 
     store = collect(model, tokens, layers=[layer], heads=[head], kind=kind, out_dir=out / f"store_{kind}", skip_first=1,
                     verbose=False, mode=_stage_mode(out / f"store_{kind}", mode))  # fmt: skip
     training = out / f"training_{kind}"
-    trainer = TrainerConfig(epochs=sizes["epochs"], batch_size=128, lr=2e-3, warmup_steps=20, progress=False, out_dir=training,
-                            input_scaling="unit_mean_square")  # fmt: skip
+    trainer = demo_trainer(sizes, training)
     resume_from = training / "checkpoint"
     if not resume_from.is_dir():  # nothing to continue (a new run, or one stopped before its first checkpoint)
         shutil.rmtree(training, ignore_errors=True)
@@ -245,6 +243,15 @@ def _install(model: Any, prompts: torch.Tensor, layer: int, head: int, new_token
         _log(f"installs ({name}: key {config.key}, direction {config.direction}): at m = {top['multiple']:g}, rank improved "
              f"{top['rank_improved']:.0%} of {top['n']}, median first-step lift {top['median_logp_lift']:+.2f} nats", start)  # fmt: skip
     return figures
+
+
+def demo_trainer(sizes: dict[str, int], out_dir: Path) -> Any:
+    """The demo's training recipe (`TrainerConfig`) for small models: lr 2e-3, batch 128, 20 warm-up steps,
+    data scaled to unit mean square, ``sizes["epochs"]`` epochs; checkpoints and logs in ``out_dir``."""
+    from writesae.trainer import TrainerConfig
+
+    return TrainerConfig(epochs=sizes["epochs"], batch_size=128, lr=2e-3, warmup_steps=20, progress=False, out_dir=out_dir,
+                         input_scaling="unit_mean_square")  # fmt: skip
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ demo's folder, so a protocol stage can run (or resume) in a later process than t
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,25 @@ class DemoContext:
     def attention_layers(self) -> list[int]:
         """Layers with softmax attention (readers of a recurrent write); none on a pure Mamba-2."""
         return [i for i, kind in enumerate(self.model.cfg.layer_types) if kind == "attention"]
+
+    def train_sae(self, name: str, kind: str = "state", **sae_kwargs: Any) -> Any:
+        """Another WriteSAE of the cell (e.g. ``variant="flat"``) on the demo's store, with the demo's recipe
+        and sizes; saved in ``paper/inputs/{name}/sae`` (atomically), and loaded from there once it is."""
+        from writesae.demo import demo_trainer
+        from writesae.sae import WriteSAE
+        from writesae.training import train_on_store
+
+        out_dir = self.demo_dir / "paper" / "inputs" / name
+        saved = out_dir / "sae"
+        if (saved / "cfg.json").is_file():
+            return WriteSAE.load_from_disk(saved, device=self.device).eval()
+        shutil.rmtree(out_dir / "training", ignore_errors=True)  # a stopped training starts again
+        trainer = demo_trainer(self.demo_sizes, out_dir / "training")
+        sae, _ = train_on_store(self.demo_dir / f"store_{kind}", self.layer, self.head, d_sae=self.demo_sizes["d_sae"],
+                                k=self.demo_sizes["k"], trainer=trainer, seed=self.seed, device=self.device,
+                                **sae_kwargs)  # fmt: skip
+        sae.save_model(saved)
+        return sae.eval()
 
     def tokens(self, n_sequences: int, seq_len: int | None = None, split: str = "val", seed: int | None = None
                ) -> Int[Tensor, "batch pos"]:  # fmt: skip

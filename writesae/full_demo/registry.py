@@ -183,28 +183,51 @@ TOKEN_SIZES = ("sequences", "seq_len")
 
 def _config(module: Any, config_cls: str, sizes: dict[str, Any]) -> Any:
     """The protocol's config: its defaults (the paper's settings) with the demo's sizes for its fields."""
-    from dataclasses import fields
 
-    cls = getattr(module, config_cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(sizes) - names - set(TOKEN_SIZES))
+    return _sized(getattr(module, config_cls), sizes)
+
+
+def _sized(cls: type, sizes: dict[str, Any]) -> Any:
+    """``cls`` with the fields named in ``sizes``; a dict sizes a nested config (its other fields: the defaults)."""
+    from dataclasses import MISSING, fields, replace
+
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(sizes) - set(by_name) - set(TOKEN_SIZES))
     if unknown:
         raise ValueError(f"sizes {unknown} are neither fields of {cls.__name__} nor {TOKEN_SIZES}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if k in names})
+    values = {}
+    for name, value in sizes.items():
+        if name not in by_name:
+            continue
+        if isinstance(value, dict):
+            f = by_name[name]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            value = replace(default, **value)
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
-def _on_text(module_name: str, function: str, config_cls: str, sae: str | None = "state") -> RunFn:
-    """``function(model, [sae,] tokens, config=...)`` on held-out text, with the demo's SAE on the cell's states
-    (the paper's setting; ``sae="write"``: the one on its writes; None: the protocol takes no SAE)."""
+def _on_text(module_name: str, function: str, config_cls: str, sae: str | None = "state",
+             inputs_from: dict[str, Callable[[DemoContext], Any]] | None = None) -> RunFn:  # fmt: skip
+    """``function(model, [sae,] tokens, config=..., **inputs)`` on held-out text, with the demo's SAE on the
+    cell's states (the paper's setting; ``sae="write"``: the one on its writes; None: the protocol takes no
+    SAE); ``inputs_from`` builds further keyword arguments from the demo (e.g. a FlatSAE to compare)."""
 
     def run(ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
         module = importlib.import_module(module_name)
         tokens = ctx.tokens(sizes["sequences"], sizes.get("seq_len"))
         inputs = (ctx.model, tokens) if sae is None else (ctx.model, ctx.saes[sae], tokens)
         config = _config(module, config_cls, sizes)
-        return getattr(module, function)(*inputs, config=config, out_dir=out_dir, mode=mode, verbose=False).summary
+        extra = {name: make(ctx) for name, make in (inputs_from or {}).items()}
+        return getattr(module, function)(*inputs, config=config, out_dir=out_dir, mode=mode, verbose=False,
+                                         **extra).summary  # fmt: skip
 
     return run
+
+
+def _flat_sae(ctx: DemoContext) -> Any:
+    """A FlatSAE (dense encoder, dense atoms) on the demo's states with the demo's recipe and sizes."""
+    return ctx.train_sae("flat_sae", variant="flat")
 
 
 _PAPER_PROTOCOLS = (
@@ -235,6 +258,26 @@ _PAPER_PROTOCOLS = (
         sizes={"sequences": 16},
         tiny={"sequences": 2, "covariance_samples": 64},
         key_figures=("median_sigma1_over_sigma2", "median_stable_rank", "most_rank1_cell"),
+    ),
+    FullProtocol(
+        "flat-svd",
+        "writesae.protocols.flat_svd",
+        "a FlatSAE trained beside the WriteSAE, its reconstruction's top-1 SVD substituted at its firings: win "
+        "rates side by side (matched Frobenius norm)",
+        _on_text("writesae.protocols.flat_svd", "run_flat_svd", "FlatSVDConfig", inputs_from={"flat_sae": _flat_sae}),
+        sizes={"sequences": 32, "substitution": {"n_atoms": 48, "n_bootstrap": 1000, "n_permutations": 2000}},
+        tiny={"sequences": 4, "substitution": {"n_atoms": 4, "n_bootstrap": 100, "n_permutations": 100}},
+        key_figures=("writesae_win_rate", "flat_svd_win_rate", "delta_pp"),
+    ),
+    FullProtocol(
+        "selectivity",
+        "writesae.protocols.selectivity",
+        "top-K logit changes of an atom perturbation vs matched-norm rank-1 controls (and two random controls "
+        "against each other, the floor)",
+        _on_text("writesae.protocols.selectivity", "run_selectivity", "SelectivityConfig"),
+        sizes={"sequences": 16, "n_atoms": 24, "max_firings_per_atom": 3},
+        tiny={"sequences": 2, "n_atoms": 3, "max_firings_per_atom": 1},
+        key_figures=("atom_vs_random", "random_vs_random", "atom_minus_random_floor"),
     ),
 )
 

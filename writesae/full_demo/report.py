@@ -95,6 +95,8 @@ def full_report(combined: dict[str, Any]) -> str:
                 continue
             where = f"`{r['run_dir']}`" + (" (the demo's own run)" if r["in_demo"] else "")
             ran = f"ran in {r['seconds']:.0f} s ({r.get('cpu_seconds', 0):.0f} s CPU), {where}"
+            if r.get("after_summary_error"):
+                ran += f"; **failed after writing its summary** (plots or report missing): {r['after_summary_error']}"
             status = {
                 "ran": ran,
                 "failed": f"FAILED: {r['error']}",
@@ -109,13 +111,18 @@ def full_report(combined: dict[str, Any]) -> str:
 
 def _not_run(combined: dict[str, Any]) -> list[str]:
     rows = [(m, row) for m, run in combined["models"].items() for row in run["protocols"] if row["status"] != "ran"]
-    if not rows:
+    late = [
+        (m, row) for m, run in combined["models"].items() for row in run["protocols"] if row.get("after_summary_error")
+    ]
+    notes = [f"- `{row['protocol']}` on {m}: its figures are above, but it failed after writing its summary "
+             f"({row['after_summary_error']})" for m, row in late]  # fmt: skip
+    if not rows and not notes:
         return ["## Not run", "", "Every protocol ran on every model.", ""]
     return ["## Not run", ""] + [
         f"- `{row['protocol']}` on {m}: " + (f"not applicable ({row['reason']})" if row["status"] == "not applicable"
                                             else f"failed ({row['error']})")
         for m, row in rows
-    ] + [""]  # fmt: skip
+    ] + notes + [""]  # fmt: skip
 
 
 def _timing(combined: dict[str, Any]) -> list[str]:

@@ -261,7 +261,8 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     row: dict[str, Any] = {"protocol": entry.name, "module": entry.module, "what": entry.what, "sizes": sizes,
                            "run_dir": str(Path(model_dir.name) / (entry.demo_run or Path("paper", entry.name))),
                            "in_demo": entry.demo_run is not None, "reason": None, "error": None, "headline": {},
-                           "key_figures": [], "seconds": 0.0, "cpu_seconds": 0.0}  # fmt: skip
+                           "key_figures": [], "seconds": 0.0, "cpu_seconds": 0.0,
+                           "after_summary_error": None}  # fmt: skip
     try:
         row["references"] = entry.references()
         reason = entry.applies(ctx)
@@ -279,10 +280,17 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     except Exception as err:  # noqa: BLE001  a failed protocol is listed in the report; the others still run
         traceback.print_exc()
         row["status"], row["error"] = "failed", f"{type(err).__name__}: {err}"
+        written = stage / "summary.json"  # run_protocol writes the summary before the plots and the report
+        if entry.demo_run is None and written.is_file() and written.stat().st_mtime >= begin:
+            row["headline"] = entry.headline(json.loads(written.read_text()))
+            row["status"], row["error"], row["after_summary_error"] = "ran", None, row["error"]
     row["seconds"], row["cpu_seconds"] = round(time.time() - begin, 1), round(time.process_time() - begin_cpu, 1)
     shown = {k: row["headline"][k] for k in _key_figures(entry, row["headline"])}
+    late = (
+        f" (then failed after writing its summary: {row['after_summary_error']})" if row["after_summary_error"] else ""
+    )
     _log(f"{ctx.model_name}: {entry.name} ({row['seconds']:.0f} s): {row['status']}"
-         + (f": {row['error']}" if row["error"] else f"; {_short(shown)}"), start)  # fmt: skip
+         + (f": {row['error']}" if row["error"] else f"; {_short(shown)}{late}"), start)  # fmt: skip
     row["key_figures"] = list(shown)
     return row
 
