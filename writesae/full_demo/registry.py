@@ -225,6 +225,20 @@ def _on_text(module_name: str, function: str, config_cls: str, sae: str | None =
     return run
 
 
+def _readers_after_cell(kind: str) -> Callable[[DemoContext], str | None]:
+    """None when a layer after the cell has ``kind`` ("attention" or "recurrent") heads, else why not."""
+
+    def applies(ctx: DemoContext) -> str | None:
+        cfg = ctx.model.cfg
+        readable = set(cfg.recurrent_layers) if kind == "recurrent" else set(ctx.attention_layers)
+        if any(layer > ctx.layer for layer in readable):
+            return None
+        return (f"no {kind} layer after the cell's layer {ctx.layer} (layer types {list(cfg.layer_types)}), so no "
+                f"{kind} head can read its atoms")  # fmt: skip
+
+    return applies
+
+
 def _flat_sae(ctx: DemoContext) -> Any:
     """A FlatSAE (dense encoder, dense atoms) on the demo's states with the demo's recipe and sizes."""
     return ctx.train_sae("flat_sae", variant="flat")
@@ -278,6 +292,38 @@ _PAPER_PROTOCOLS = (
         sizes={"sequences": 16, "n_atoms": 24, "max_firings_per_atom": 3},
         tiny={"sequences": 2, "n_atoms": 3, "max_firings_per_atom": 1},
         key_figures=("atom_vs_random", "random_vs_random", "atom_minus_random_floor"),
+    ),
+    FullProtocol(
+        "preferred-token",
+        "writesae.protocols.preferred_token",
+        "a register atom's preferred token (from its firings' writes), erased at natural firings and written "
+        "where the atom does not fire",
+        _on_text("writesae.protocols.preferred_token", "run_preferred_token", "PreferredTokenConfig"),
+        sizes={"sequences": 32, "n_firings": 60, "n_nonfiring": 60, "n_bootstrap": 1000},
+        tiny={"sequences": 2, "n_firings": 4, "n_nonfiring": 4, "n_bootstrap": 100},
+        key_figures=("preferred_token", "erasure_median_delta_logp", "erasure_wilcoxon_p"),
+    ),
+    FullProtocol(
+        "readers",
+        "writesae.protocols.readers",
+        "later attention heads ranked by how much removing a register atom moves their outputs, over matched-norm "
+        "random edits (the paper's reader traces)",
+        _on_text("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        sizes={"sequences": 16, "max_firings_per_atom": 10},
+        tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
+        key_figures=("median_top_ratio", "F*_top_reader"),
+        applies=_readers_after_cell("attention"),
+    ),
+    FullProtocol(
+        "readers-recurrent",
+        "writesae.protocols.readers",
+        "the same with later recurrent heads as the readers (an alternative to the paper's attention readers, "
+        "for models whose later layers are recurrent)",
+        _on_text("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        sizes={"sequences": 16, "max_firings_per_atom": 10, "reader_kinds": ("recurrent",)},
+        tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
+        key_figures=("median_top_ratio", "F*_top_reader"),
+        applies=_readers_after_cell("recurrent"),
     ),
 )
 

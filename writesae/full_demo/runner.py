@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from hooked_recurrent.files import atomic_write_text
-from writesae.outputs import OutputMode, holds_files, prepare_output_dir
+from writesae.outputs import OutputMode, holds_files, jsonable, prepare_output_dir
 
 from .context import DemoContext
 from .registry import FULL_PROTOCOLS, FullProtocol
@@ -275,14 +275,14 @@ def _run_stage(entry: FullProtocol, ctx: DemoContext, model_dir: Path, preset: s
     begin, begin_cpu = time.time(), time.process_time()
     try:
         summary = _summary(entry, ctx, stage, _stage_mode(stage, mode), sizes)
-        row["headline"] = entry.headline(summary)
+        row["headline"] = _plain(entry.headline(summary))
         row["status"] = "ran"
     except Exception as err:  # noqa: BLE001  a failed protocol is listed in the report; the others still run
         traceback.print_exc()
         row["status"], row["error"] = "failed", f"{type(err).__name__}: {err}"
         written = stage / "summary.json"  # run_protocol writes the summary before the plots and the report
         if entry.demo_run is None and written.is_file() and written.stat().st_mtime >= begin:
-            row["headline"] = entry.headline(json.loads(written.read_text()))
+            row["headline"] = _plain(entry.headline(json.loads(written.read_text())))
             row["status"], row["error"], row["after_summary_error"] = "ran", None, row["error"]
     row["seconds"], row["cpu_seconds"] = round(time.time() - begin, 1), round(time.process_time() - begin_cpu, 1)
     shown = {k: row["headline"][k] for k in _key_figures(entry, row["headline"])}
@@ -309,6 +309,11 @@ def _summary(
             f"the demo's {entry.demo_run} run in {ctx.demo_dir} has not finished; continue with --resume"
         )
     return summary
+
+
+def _plain(headline: dict[str, Any]) -> dict[str, Any]:
+    """The headline as it reads back from JSON (tuples as lists, no NaN), so a resumed run's rows equal a new one's."""
+    return json.loads(json.dumps(jsonable(headline)))
 
 
 def _key_figures(entry: FullProtocol, headline: dict[str, Any]) -> list[str]:
