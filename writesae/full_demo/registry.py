@@ -177,13 +177,12 @@ _DEMO_PROTOCOLS = (
 # ----- the paper's other tables and figures (issue 15): one entry per protocol module
 
 
-TOKEN_SIZES = ("sequences", "seq_len")
-"""Size keys that choose the text (held-out stdlib blocks); every other size key is a config field."""
+INPUT_SIZES = ("sequences", "seq_len", "train_sequences", "sae_heads", "sae_d_sae", "sae_k", "sae_epochs")
+"""Size keys that size a protocol's inputs (held-out blocks; SAEs trained for it); the others are config fields."""
 
 
 def _config(module: Any, config_cls: str, sizes: dict[str, Any]) -> Any:
     """The protocol's config: its defaults (the paper's settings) with the demo's sizes for its fields."""
-
     return _sized(getattr(module, config_cls), sizes)
 
 
@@ -192,9 +191,9 @@ def _sized(cls: type, sizes: dict[str, Any]) -> Any:
     from dataclasses import MISSING, fields, replace
 
     by_name = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(sizes) - set(by_name) - set(TOKEN_SIZES))
+    unknown = sorted(set(sizes) - set(by_name) - set(INPUT_SIZES))
     if unknown:
-        raise ValueError(f"sizes {unknown} are neither fields of {cls.__name__} nor {TOKEN_SIZES}")
+        raise ValueError(f"sizes {unknown} are neither fields of {cls.__name__} nor {INPUT_SIZES}")
     values = {}
     for name, value in sizes.items():
         if name not in by_name:
@@ -207,19 +206,45 @@ def _sized(cls: type, sizes: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-def _on_text(module_name: str, function: str, config_cls: str, sae: str | None = "state",
-             inputs_from: dict[str, Callable[[DemoContext], Any]] | None = None) -> RunFn:  # fmt: skip
-    """``function(model, [sae,] tokens, config=..., **inputs)`` on held-out text, with the demo's SAE on the
-    cell's states (the paper's setting; ``sae="write"``: the one on its writes; None: the protocol takes no
-    SAE); ``inputs_from`` builds further keyword arguments from the demo (e.g. a FlatSAE to compare)."""
+def _head_saes(ctx: DemoContext, sizes: dict[str, Any]) -> dict[int, Any]:
+    """One WriteSAE per head of the cell's layer (the demo's recipe, smaller), trained once and kept; with
+    ``sae_heads`` set, only that many heads (the cell's first), for the quick check."""
+    from writesae.outputs import holds_files
+    from writesae.protocols.all_heads import train_head_saes
+
+    folder = ctx.demo_dir / "paper" / "inputs" / "head_saes"
+    tokens = ctx.tokens(sizes["train_sequences"], split="train")
+    heads = list(range(ctx.model.cfg.n_heads))
+    if sizes.get("sae_heads"):
+        heads = sorted(sorted(heads, key=lambda h: h != ctx.head)[: sizes["sae_heads"]])
+    return train_head_saes(ctx.model, tokens, ctx.layer, folder, heads=heads, d_sae=sizes["sae_d_sae"],
+                           k=sizes["sae_k"], epochs=sizes["sae_epochs"], seed=ctx.seed, device=ctx.device,
+                           mode="resume" if holds_files(folder) else "new")  # fmt: skip
+
+
+INPUTS: dict[str, Callable[[DemoContext, dict[str, Any]], Any]] = {
+    "model": lambda ctx, sizes: ctx.model,
+    "sae": lambda ctx, sizes: ctx.sae,
+    "tokens": lambda ctx, sizes: ctx.tokens(sizes["sequences"], sizes.get("seq_len")),
+    "layer": lambda ctx, sizes: ctx.layer,
+    "head": lambda ctx, sizes: ctx.head,
+    "head_saes": _head_saes,
+    "flat_sae": lambda ctx, sizes: ctx.train_sae("flat_sae", variant="flat"),
+}
+"""What a protocol can take from the demo: its model, the WriteSAE on the cell's states (the paper's setting),
+held-out text, the cell, one SAE per head of the cell's layer, a FlatSAE of the cell (the demo's recipe)."""
+
+
+def _protocol(module_name: str, function: str, config_cls: str, inputs: tuple[str, ...] = ("model", "sae", "tokens"),
+              keywords: tuple[str, ...] = ()) -> RunFn:  # fmt: skip
+    """``function(*inputs, config=..., **keywords)``, each input named in `INPUTS`, the config from the sizes."""
 
     def run(ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
         module = importlib.import_module(module_name)
-        tokens = ctx.tokens(sizes["sequences"], sizes.get("seq_len"))
-        inputs = (ctx.model, tokens) if sae is None else (ctx.model, ctx.saes[sae], tokens)
+        args = [INPUTS[name](ctx, sizes) for name in inputs]
+        extra = {name: INPUTS[name](ctx, sizes) for name in keywords}
         config = _config(module, config_cls, sizes)
-        extra = {name: make(ctx) for name, make in (inputs_from or {}).items()}
-        return getattr(module, function)(*inputs, config=config, out_dir=out_dir, mode=mode, verbose=False,
+        return getattr(module, function)(*args, config=config, out_dir=out_dir, mode=mode, verbose=False,
                                          **extra).summary  # fmt: skip
 
     return run
@@ -239,17 +264,12 @@ def _readers_after_cell(kind: str) -> Callable[[DemoContext], str | None]:
     return applies
 
 
-def _flat_sae(ctx: DemoContext) -> Any:
-    """A FlatSAE (dense encoder, dense atoms) on the demo's states with the demo's recipe and sizes."""
-    return ctx.train_sae("flat_sae", variant="flat")
-
-
 _PAPER_PROTOCOLS = (
     FullProtocol(
         "passage-nll",
         "writesae.protocols.passage_nll",
         "every register firing's write in a passage deleted, replaced by its atom, or by a random write: NLL change",
-        _on_text("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
+        _protocol("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
         sizes={"sequences": 20},
         tiny={"sequences": 2},
         key_figures=("delete_bits_per_token", "random_bits_per_token", "holds_in"),
@@ -259,7 +279,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.reconstruction_ppl",
         "the cell's state replaced by its SAE reconstruction after position P: perplexity change after P (the demo "
         "has one head's SAE, so one head, rank-1 atoms)",
-        _on_text("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
+        _protocol("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
         sizes={"sequences": 32, "position": 63},  # the demo's 128-token blocks: replaced after the first half
         tiny={"sequences": 2, "position": 23},
         key_figures=("rank-1_pct_change*", "zeroed_state_pct_change", "base_perplexity"),
@@ -268,7 +288,7 @@ _PAPER_PROTOCOLS = (
         "spectra",
         "writesae.protocols.spectra",
         "singular values of every head's state: sigma1/sigma2, effective and stable rank, write reuse (no SAE)",
-        _on_text("writesae.protocols.spectra", "run_spectra", "SpectraConfig", sae=None),
+        _protocol("writesae.protocols.spectra", "run_spectra", "SpectraConfig", inputs=("model", "tokens")),
         sizes={"sequences": 16},
         tiny={"sequences": 2, "covariance_samples": 64},
         key_figures=("median_sigma1_over_sigma2", "median_stable_rank", "most_rank1_cell"),
@@ -278,7 +298,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.flat_svd",
         "a FlatSAE trained beside the WriteSAE, its reconstruction's top-1 SVD substituted at its firings: win "
         "rates side by side (matched Frobenius norm)",
-        _on_text("writesae.protocols.flat_svd", "run_flat_svd", "FlatSVDConfig", inputs_from={"flat_sae": _flat_sae}),
+        _protocol("writesae.protocols.flat_svd", "run_flat_svd", "FlatSVDConfig", keywords=("flat_sae",)),
         sizes={"sequences": 32, "substitution": {"n_atoms": 48, "n_bootstrap": 1000, "n_permutations": 2000}},
         tiny={"sequences": 4, "substitution": {"n_atoms": 4, "n_bootstrap": 100, "n_permutations": 100}},
         key_figures=("writesae_win_rate", "flat_svd_win_rate", "delta_pp"),
@@ -288,7 +308,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.selectivity",
         "top-K logit changes of an atom perturbation vs matched-norm rank-1 controls (and two random controls "
         "against each other, the floor)",
-        _on_text("writesae.protocols.selectivity", "run_selectivity", "SelectivityConfig"),
+        _protocol("writesae.protocols.selectivity", "run_selectivity", "SelectivityConfig"),
         sizes={"sequences": 16, "n_atoms": 24, "max_firings_per_atom": 3},
         tiny={"sequences": 2, "n_atoms": 3, "max_firings_per_atom": 1},
         key_figures=("atom_vs_random", "random_vs_random", "atom_minus_random_floor"),
@@ -298,7 +318,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.preferred_token",
         "a register atom's preferred token (from its firings' writes), erased at natural firings and written "
         "where the atom does not fire",
-        _on_text("writesae.protocols.preferred_token", "run_preferred_token", "PreferredTokenConfig"),
+        _protocol("writesae.protocols.preferred_token", "run_preferred_token", "PreferredTokenConfig"),
         sizes={"sequences": 32, "n_firings": 60, "n_nonfiring": 60, "n_bootstrap": 1000},
         tiny={"sequences": 2, "n_firings": 4, "n_nonfiring": 4, "n_bootstrap": 100},
         key_figures=("preferred_token", "erasure_median_delta_logp", "erasure_wilcoxon_p"),
@@ -308,7 +328,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.readers",
         "later attention heads ranked by how much removing a register atom moves their outputs, over matched-norm "
         "random edits (the paper's reader traces)",
-        _on_text("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        _protocol("writesae.protocols.readers", "run_readers", "ReadersConfig"),
         sizes={"sequences": 16, "max_firings_per_atom": 10},
         tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
         key_figures=("median_top_ratio", "F*_top_reader"),
@@ -319,11 +339,53 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.readers",
         "the same with later recurrent heads as the readers (an alternative to the paper's attention readers, "
         "for models whose later layers are recurrent)",
-        _on_text("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        _protocol("writesae.protocols.readers", "run_readers", "ReadersConfig"),
         sizes={"sequences": 16, "max_firings_per_atom": 10, "reader_kinds": ("recurrent",)},
         tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
         key_figures=("median_top_ratio", "F*_top_reader"),
         applies=_readers_after_cell("recurrent"),
+    ),
+    FullProtocol(
+        "sign-test",
+        "writesae.protocols.sign_test",
+        "a target token's direction v*_T written at one position: does the paper's closed form (and the exact first "
+        "order) predict the sign of T's logit change?",
+        _protocol(
+            "writesae.protocols.sign_test",
+            "run_sign_test",
+            "SignTestConfig",
+            inputs=("model", "tokens", "layer", "head"),
+        ),
+        sizes={"sequences": 32, "positions_per_prompt": 8},
+        tiny={"sequences": 2, "positions_per_prompt": 1},
+        key_figures=("sign_agreement", "pearson_r", "exact_first_order_sign_agreement"),
+    ),
+    FullProtocol(
+        "all-heads",
+        "writesae.protocols.all_heads",
+        "the substitution test on every head of the cell's layer, one smaller WriteSAE per head: per-head win "
+        "rates, mean +- sd, heads above 85% / 88%",
+        _protocol(
+            "writesae.protocols.all_heads", "run_all_heads", "AllHeadsConfig", inputs=("model", "head_saes", "tokens")
+        ),
+        sizes={
+            "sequences": 16,
+            "train_sequences": 64,
+            "sae_d_sae": 256,
+            "sae_k": 8,
+            "sae_epochs": 5,
+            "substitution": {"n_atoms": 16, "max_firings_per_atom": 5, "n_bootstrap": 500, "n_permutations": 1000},
+        },
+        tiny={
+            "sequences": 2,
+            "sae_heads": 2,
+            "train_sequences": 8,
+            "sae_d_sae": 32,
+            "sae_k": 4,
+            "sae_epochs": 1,
+            "substitution": {"n_atoms": 2, "max_firings_per_atom": 2, "n_bootstrap": 100, "n_permutations": 100},
+        },
+        key_figures=("mean_win_rate", "sd_win_rate", "n_heads_above_0.85"),
     ),
 )
 

@@ -157,7 +157,7 @@ def run_full_demo(
     if failed:
         raise FullDemoError(f"{len(failed)} protocol stage(s) failed: {', '.join(failed)}; {out / 'report.md'} lists "
                             "their errors (tracebacks above); fix them and continue with --resume")  # fmt: skip
-    return combined
+    return json.loads((out / "summary.json").read_text())  # as written (JSON types), as a later reader sees it
 
 
 def _write(out: Path, combined: dict[str, Any], start: float) -> None:
