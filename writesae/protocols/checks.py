@@ -8,6 +8,7 @@ same options with argparse types, but a config built in Python must not run a si
 from __future__ import annotations
 
 import math
+import types
 import typing
 from collections.abc import Iterable
 from dataclasses import fields
@@ -20,10 +21,21 @@ def _literal_choices(annotation: Any) -> tuple[Any, ...] | None:
     """The allowed values of a ``Literal[...]`` annotation (``Literal[...] | None`` included), else None."""
     if typing.get_origin(annotation) is Literal:
         return typing.get_args(annotation)
-    choices = [a for arg in typing.get_args(annotation) for a in (_literal_choices(arg) or ())]
-    if choices and type(None) in typing.get_args(annotation):
-        return (*choices, None)
-    return tuple(choices) or None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        choices = [c for arg in typing.get_args(annotation) for c in (_literal_choices(arg) or ())]
+        if choices and type(None) in typing.get_args(annotation):
+            return (*choices, None)
+        return tuple(choices) or None
+    return None
+
+
+def _element_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed elements of a ``tuple[Literal[...], ...]`` annotation, else None."""
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _literal_choices(args[0])
+    return None
 
 
 def _numbers(value: Any) -> Iterable[Any]:
@@ -39,7 +51,7 @@ def check_config(
 ) -> None:
     """Refuse a config whose fields are out of range.
 
-    Every ``Literal`` field must hold one of its choices. The fields named in ``positive`` /
+    Every ``Literal`` field must hold one of its choices (each element, for ``tuple[Literal[...], ...]``). The fields named in ``positive`` /
     ``nonnegative`` (numbers, or tuples of numbers; None is allowed where the field's default says
     "all") must be finite and > 0 / >= 0, and those in ``nonempty`` (tuples) must hold something.
 
@@ -53,6 +65,10 @@ def check_config(
         value = getattr(config, f.name)
         if choices is not None and value not in choices:
             raise ValueError(f"{name}.{f.name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        elements = _element_choices(hints.get(f.name))
+        bad = [v for v in value if v not in elements] if elements is not None and isinstance(value, tuple) else []
+        if bad:
+            raise ValueError(f"{name}.{f.name} holds {bad[0]!r}, which is not one of {', '.join(map(repr, elements))}")
     for field_name in nonempty:
         if len(getattr(config, field_name)) == 0:
             raise ValueError(f"{name}.{field_name} is empty: give at least one value")
