@@ -238,7 +238,7 @@ class FlatSVDTest(SubstitutionSet):
             low, high = [rate - b[0] for rate, b in zip(rates, bounds)], [b[1] - rate for rate, b in zip(rates, bounds)]
             ax.bar(x + offset, rates, width=0.4, color=color, label=name, yerr=[low, high], capsize=3)
         ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
-        ax.set_xticks(x, [r["variant"] for r in rows], fontsize=8)
+        ax.set_xticks(x, [r["variant"] for r in rows], fontsize=8, rotation=15)
         ax.set_ylabel("win rate (atom beats deletion)")
         ax.set_ylim(0, 1)
         ax.legend()
