@@ -15,6 +15,7 @@ import pytest
 
 from writesae.cli import main
 from writesae.full_demo import FULL_PROTOCOLS, FullDemoError, FullProtocol, run_full_demo
+from writesae.full_demo.registry import INPUTS, ProtocolCall
 from writesae.protocols.run import load_run
 
 MODEL = "stdlib:qwen3.5"
@@ -97,6 +98,19 @@ def test_resume_keeps_finished_stages(quick_run):
     after = {row["protocol"]: row["headline"] for row in quick_run["resumed"]["models"][MODEL]["protocols"]}
     assert after == {name: before[name] for name in after}
     assert "planted-failure" not in (quick_run["out"] / "report.md").read_text()
+
+
+@pytest.mark.parametrize("entry", FULL_PROTOCOLS, ids=[entry.name for entry in FULL_PROTOCOLS])
+def test_every_entry_is_complete(entry):
+    """Without running anything: the sizes of both presets build the protocol's config, its inputs exist, and
+    the paper's value it cites names a table and a model (so a changed protocol fails here, in a second)."""
+    assert (entry.run is None) != (entry.demo_run is None), "an entry runs its protocol or reads the demo's run"
+    if isinstance(entry.run, ProtocolCall):
+        for preset in ("full", "tiny"):
+            entry.run.config(entry.sizes_for(preset))
+        assert set(entry.run.inputs + entry.run.keywords) <= set(INPUTS)
+    for ref in entry.references():
+        assert ref["table"] not in ("", "?") and ref["model"] not in ("", "?") and ref["value"], ref
 
 
 def test_full_flag_options_are_checked(tmp_path, capsys):

@@ -21,7 +21,7 @@ from typing import Any
 
 from .context import DemoContext
 
-__all__ = ["FULL_PROTOCOLS", "FullProtocol", "RunFn", "protocol_names"]
+__all__ = ["FULL_PROTOCOLS", "INPUTS", "FullProtocol", "ProtocolCall", "RunFn", "protocol_names"]
 
 RunFn = Callable[[DemoContext, Path, str, dict[str, Any]], dict[str, Any]]
 """``run(ctx, out_dir, mode, sizes) -> summary``: run the protocol into ``out_dir`` (``mode`` as for
@@ -181,11 +181,6 @@ INPUT_SIZES = ("sequences", "seq_len", "train_sequences", "sae_heads", "sae_d_sa
 """Size keys that size a protocol's inputs (held-out blocks; SAEs trained for it); the others are config fields."""
 
 
-def _config(module: Any, config_cls: str, sizes: dict[str, Any]) -> Any:
-    """The protocol's config: its defaults (the paper's settings) with the demo's sizes for its fields."""
-    return _sized(getattr(module, config_cls), sizes)
-
-
 def _sized(cls: type, sizes: dict[str, Any]) -> Any:
     """``cls`` with the fields named in ``sizes``; a dict sizes a nested config (its other fields: the defaults)."""
     from dataclasses import MISSING, fields, replace
@@ -235,19 +230,26 @@ INPUTS: dict[str, Callable[[DemoContext, dict[str, Any]], Any]] = {
 held-out text, the cell, one SAE per head of the cell's layer, a FlatSAE of the cell (the demo's recipe)."""
 
 
-def _protocol(module_name: str, function: str, config_cls: str, inputs: tuple[str, ...] = ("model", "sae", "tokens"),
-              keywords: tuple[str, ...] = ()) -> RunFn:  # fmt: skip
-    """``function(*inputs, config=..., **keywords)``, each input named in `INPUTS`, the config from the sizes."""
+@dataclass(frozen=True)
+class ProtocolCall:
+    """A `RunFn` that calls ``module.function(*inputs, config=..., **keywords)``, each input named in `INPUTS`
+    and the config (``module.config_cls``) built from the sizes (`config`)."""
 
-    def run(ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
-        module = importlib.import_module(module_name)
-        args = [INPUTS[name](ctx, sizes) for name in inputs]
-        extra = {name: INPUTS[name](ctx, sizes) for name in keywords}
-        config = _config(module, config_cls, sizes)
-        return getattr(module, function)(*args, config=config, out_dir=out_dir, mode=mode, verbose=False,
-                                         **extra).summary  # fmt: skip
+    module: str
+    function: str
+    config_cls: str
+    inputs: tuple[str, ...] = ("model", "sae", "tokens")
+    keywords: tuple[str, ...] = ()
 
-    return run
+    def config(self, sizes: dict[str, Any]) -> Any:
+        """The protocol's config: its defaults (the paper's settings) with the sizes of its fields."""
+        return _sized(getattr(importlib.import_module(self.module), self.config_cls), sizes)
+
+    def __call__(self, ctx: DemoContext, out_dir: Path, mode: str, sizes: dict[str, Any]) -> dict[str, Any]:
+        args = [INPUTS[name](ctx, sizes) for name in self.inputs]
+        extra = {name: INPUTS[name](ctx, sizes) for name in self.keywords}
+        function = getattr(importlib.import_module(self.module), self.function)
+        return function(*args, config=self.config(sizes), out_dir=out_dir, mode=mode, verbose=False, **extra).summary
 
 
 def _readers_after_cell(kind: str) -> Callable[[DemoContext], str | None]:
@@ -269,7 +271,7 @@ _PAPER_PROTOCOLS = (
         "passage-nll",
         "writesae.protocols.passage_nll",
         "every register firing's write in a passage deleted, replaced by its atom, or by a random write: NLL change",
-        _protocol("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
+        ProtocolCall("writesae.protocols.passage_nll", "run_passage_nll", "PassageNLLConfig"),
         sizes={"sequences": 20},
         tiny={"sequences": 2},
         key_figures=("delete_bits_per_token", "random_bits_per_token", "holds_in"),
@@ -279,7 +281,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.reconstruction_ppl",
         "the cell's state replaced by its SAE reconstruction after position P: perplexity change after P (the demo "
         "has one head's SAE, so one head, rank-1 atoms)",
-        _protocol("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
+        ProtocolCall("writesae.protocols.reconstruction_ppl", "run_reconstruction_ppl", "ReconstructionPPLConfig"),
         sizes={"sequences": 32, "position": 63},  # the demo's 128-token blocks: replaced after the first half
         tiny={"sequences": 2, "position": 23},
         key_figures=("rank-1_pct_change*", "zeroed_state_pct_change", "base_perplexity"),
@@ -288,7 +290,7 @@ _PAPER_PROTOCOLS = (
         "spectra",
         "writesae.protocols.spectra",
         "singular values of every head's state: sigma1/sigma2, effective and stable rank, write reuse (no SAE)",
-        _protocol("writesae.protocols.spectra", "run_spectra", "SpectraConfig", inputs=("model", "tokens")),
+        ProtocolCall("writesae.protocols.spectra", "run_spectra", "SpectraConfig", inputs=("model", "tokens")),
         sizes={"sequences": 16},
         tiny={"sequences": 2, "covariance_samples": 64},
         key_figures=("median_sigma1_over_sigma2", "median_stable_rank", "most_rank1_cell"),
@@ -298,7 +300,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.flat_svd",
         "a FlatSAE trained beside the WriteSAE, its reconstruction's top-1 SVD substituted at its firings: win "
         "rates side by side (matched Frobenius norm)",
-        _protocol("writesae.protocols.flat_svd", "run_flat_svd", "FlatSVDConfig", keywords=("flat_sae",)),
+        ProtocolCall("writesae.protocols.flat_svd", "run_flat_svd", "FlatSVDConfig", keywords=("flat_sae",)),
         sizes={"sequences": 32, "substitution": {"n_atoms": 48, "n_bootstrap": 1000, "n_permutations": 2000}},
         tiny={"sequences": 4, "substitution": {"n_atoms": 4, "n_bootstrap": 100, "n_permutations": 100}},
         key_figures=("writesae_win_rate", "flat_svd_win_rate", "delta_pp"),
@@ -308,7 +310,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.selectivity",
         "top-K logit changes of an atom perturbation vs matched-norm rank-1 controls (and two random controls "
         "against each other, the floor)",
-        _protocol("writesae.protocols.selectivity", "run_selectivity", "SelectivityConfig"),
+        ProtocolCall("writesae.protocols.selectivity", "run_selectivity", "SelectivityConfig"),
         sizes={"sequences": 16, "n_atoms": 24, "max_firings_per_atom": 3},
         tiny={"sequences": 2, "n_atoms": 3, "max_firings_per_atom": 1},
         key_figures=("atom_vs_random", "random_vs_random", "atom_minus_random_floor"),
@@ -318,7 +320,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.preferred_token",
         "a register atom's preferred token (from its firings' writes), erased at natural firings and written "
         "where the atom does not fire",
-        _protocol("writesae.protocols.preferred_token", "run_preferred_token", "PreferredTokenConfig"),
+        ProtocolCall("writesae.protocols.preferred_token", "run_preferred_token", "PreferredTokenConfig"),
         sizes={"sequences": 32, "n_firings": 60, "n_nonfiring": 60, "n_bootstrap": 1000},
         tiny={"sequences": 2, "n_firings": 4, "n_nonfiring": 4, "n_bootstrap": 100},
         key_figures=("preferred_token", "erasure_median_delta_logp", "erasure_wilcoxon_p"),
@@ -328,7 +330,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.readers",
         "later attention heads ranked by how much removing a register atom moves their outputs, over matched-norm "
         "random edits (the paper's reader traces)",
-        _protocol("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        ProtocolCall("writesae.protocols.readers", "run_readers", "ReadersConfig"),
         sizes={"sequences": 16, "max_firings_per_atom": 10},
         tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
         key_figures=("median_top_ratio", "F*_top_reader"),
@@ -339,7 +341,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.readers",
         "the same with later recurrent heads as the readers (an alternative to the paper's attention readers, "
         "for models whose later layers are recurrent)",
-        _protocol("writesae.protocols.readers", "run_readers", "ReadersConfig"),
+        ProtocolCall("writesae.protocols.readers", "run_readers", "ReadersConfig"),
         sizes={"sequences": 16, "max_firings_per_atom": 10, "reader_kinds": ("recurrent",)},
         tiny={"sequences": 2, "n_atoms": 1, "max_firings_per_atom": 2, "n_random": 1},
         key_figures=("median_top_ratio", "F*_top_reader"),
@@ -350,7 +352,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.sign_test",
         "a target token's direction v*_T written at one position: does the paper's closed form (and the exact first "
         "order) predict the sign of T's logit change?",
-        _protocol(
+        ProtocolCall(
             "writesae.protocols.sign_test",
             "run_sign_test",
             "SignTestConfig",
@@ -365,7 +367,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.all_heads",
         "the substitution test on every head of the cell's layer, one smaller WriteSAE per head: per-head win "
         "rates, mean +- sd, heads above 85% / 88%",
-        _protocol(
+        ProtocolCall(
             "writesae.protocols.all_heads", "run_all_heads", "AllHeadsConfig", inputs=("model", "head_saes", "tokens")
         ),
         sizes={
@@ -386,6 +388,16 @@ _PAPER_PROTOCOLS = (
             "substitution": {"n_atoms": 2, "max_firings_per_atom": 2, "n_bootstrap": 100, "n_permutations": 100},
         },
         key_figures=("mean_win_rate", "sd_win_rate", "n_heads_above_0.85"),
+    ),
+    FullProtocol(
+        "amplify",
+        "writesae.protocols.amplification",
+        "sentence-boundary atoms amplified in the state at every sampling step: newlines per 400 tokens against "
+        "the baseline and dose-matched random atoms",
+        ProtocolCall("writesae.protocols.amplification", "run_amplification", "AmplifyConfig"),
+        sizes={"sequences": 16, "new_tokens": 200, "n_bootstrap": 1000},
+        tiny={"sequences": 2, "new_tokens": 8, "n_features": 2, "doses": (5.0,), "n_bootstrap": 100},
+        key_figures=("baseline_rate", "amplify_5x_rate", "random_*x_rate"),
     ),
 )
 
