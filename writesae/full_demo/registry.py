@@ -183,7 +183,7 @@ INPUT_SIZES = ("sequences", "seq_len", "train_sequences", "sae_heads", "sae_d_sa
 
 def _sized(cls: type, sizes: dict[str, Any]) -> Any:
     """``cls`` with the fields named in ``sizes``; a dict sizes a nested config (its other fields: the defaults)."""
-    from dataclasses import MISSING, fields, replace
+    from dataclasses import MISSING, fields, is_dataclass, replace
 
     by_name = {f.name: f for f in fields(cls)}
     unknown = sorted(set(sizes) - set(by_name) - set(INPUT_SIZES))
@@ -193,9 +193,9 @@ def _sized(cls: type, sizes: dict[str, Any]) -> Any:
     for name, value in sizes.items():
         if name not in by_name:
             continue
-        if isinstance(value, dict):
-            f = by_name[name]
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
+        f = by_name[name]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(value, dict) and is_dataclass(default):
             value = replace(default, **value)
         values[name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
@@ -225,9 +225,11 @@ INPUTS: dict[str, Callable[[DemoContext, dict[str, Any]], Any]] = {
     "head": lambda ctx, sizes: ctx.head,
     "head_saes": _head_saes,
     "flat_sae": lambda ctx, sizes: ctx.train_sae("flat_sae", variant="flat"),
+    "store": lambda ctx, sizes: ctx.demo_dir / "store_state",
 }
 """What a protocol can take from the demo: its model, the WriteSAE on the cell's states (the paper's setting),
-held-out text, the cell, one SAE per head of the cell's layer, a FlatSAE of the cell (the demo's recipe)."""
+held-out text, the cell, one SAE per head of the cell's layer, a FlatSAE of the cell (the demo's recipe), the
+demo's store of the cell's states."""
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,36 @@ _PAPER_PROTOCOLS = (
         sizes={"sequences": 16, "new_tokens": 200, "n_bootstrap": 1000},
         tiny={"sequences": 2, "new_tokens": 8, "n_features": 2, "doses": (5.0,), "n_bootstrap": 100},
         key_figures=("baseline_rate", "amplify_5x_rate", "random_*x_rate"),
+    ),
+    FullProtocol(
+        "families",
+        "writesae.protocols.families",
+        "every SAE family (bilinear = WriteSAE, matrix, flat, tied) trained on the demo's store of the cell at one "
+        "budget: validation MSE and substitution win rate per family",
+        ProtocolCall(
+            "writesae.protocols.families",
+            "run_families",
+            "FamiliesConfig",
+            inputs=("model", "tokens"),
+            keywords=("store", "layer", "head"),
+        ),
+        sizes={
+            "sequences": 16,
+            "seeds": (0,),
+            "d_sae": 256,
+            "k": 8,
+            "epochs": 5,
+            "trainer": {"input_scaling": "unit_mean_square", "lr": 2e-3, "batch_size": 128, "warmup_steps": 20},
+            "substitution": {"n_atoms": 16, "max_firings_per_atom": 3, "n_bootstrap": 500, "n_permutations": 1000},
+        },
+        tiny={
+            "sequences": 2,
+            "d_sae": 32,
+            "k": 4,
+            "epochs": 1,
+            "substitution": {"n_atoms": 2, "max_firings_per_atom": 2, "n_bootstrap": 100, "n_permutations": 100},
+        },
+        key_figures=("bilinear/topk_win_rate", "flat/topk_win_rate", "bilinear/topk_mse_over_flat"),
     ),
 )
 
