@@ -360,7 +360,7 @@ _PAPER_PROTOCOLS = (
             "SignTestConfig",
             inputs=("model", "tokens", "layer", "head"),
         ),
-        sizes={"sequences": 32, "positions_per_prompt": 8},
+        sizes={"sequences": 32, "positions_per_prompt": 4},
         tiny={"sequences": 2, "positions_per_prompt": 1},
         key_figures=("sign_agreement", "pearson_r", "exact_first_order_sign_agreement"),
     ),
@@ -374,10 +374,10 @@ _PAPER_PROTOCOLS = (
         ),
         sizes={
             "sequences": 16,
-            "train_sequences": 64,
+            "train_sequences": 32,
             "sae_d_sae": 256,
             "sae_k": 8,
-            "sae_epochs": 5,
+            "sae_epochs": 4,
             "substitution": {"n_atoms": 16, "max_firings_per_atom": 5, "n_bootstrap": 500, "n_permutations": 1000},
         },
         tiny={
@@ -397,7 +397,7 @@ _PAPER_PROTOCOLS = (
         "sentence-boundary atoms amplified in the state at every sampling step: newlines per 400 tokens against "
         "the baseline and dose-matched random atoms",
         ProtocolCall("writesae.protocols.amplification", "run_amplification", "AmplifyConfig"),
-        sizes={"sequences": 16, "new_tokens": 200, "n_bootstrap": 1000},
+        sizes={"sequences": 12, "new_tokens": 160, "n_bootstrap": 1000},
         tiny={"sequences": 2, "new_tokens": 8, "n_features": 2, "doses": (5.0,), "n_bootstrap": 100},
         key_figures=("baseline_rate", "amplify_5x_rate", "random_*x_rate"),
     ),
@@ -414,13 +414,13 @@ _PAPER_PROTOCOLS = (
             keywords=("store", "layer", "head"),
         ),
         sizes={
-            "sequences": 16,
+            "sequences": 12,
             "seeds": (0,),
             "d_sae": 256,
             "k": 8,
-            "epochs": 5,
+            "epochs": 3,
             "trainer": {"input_scaling": "unit_mean_square", "lr": 2e-3, "batch_size": 128, "warmup_steps": 20},
-            "substitution": {"n_atoms": 16, "max_firings_per_atom": 3, "n_bootstrap": 500, "n_permutations": 1000},
+            "substitution": {"n_atoms": 12, "max_firings_per_atom": 3, "n_bootstrap": 500, "n_permutations": 1000},
         },
         tiny={
             "sequences": 2,
