@@ -117,3 +117,16 @@ def test_a_stopped_protocol_command_resumes_to_the_uninterrupted_records(tmp_pat
     assert (out / "records.jsonl").read_text() == full and (out / "summary.json").read_text() == summary
     assert main([*argv[:-1], "--multiples", "2", "--out", str(out), "--resume"]) == 2
     assert "other settings (config:" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_threads_for_the_command(tmp_path):
+    # On a machine shared with other jobs, torch's default (one thread per core) mostly waits: --threads 1 helps.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = ["spectra", "tiny-random:qwen3.5", "--tokens", "random", "--sequences", "2", "--seq-len", "8",
+                "--threads", "1", "--out", str(tmp_path / "s")]
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

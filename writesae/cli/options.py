@@ -164,13 +164,16 @@ def add_device_option(parser: argparse.ArgumentParser, default: str | None = Non
 
 
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
-    """The model to load, where, in which dtype, and the seed."""
+    """The model to load, where, in which dtype, the seed and the CPU threads."""
     if positional:
         parser.add_argument("model", type=model_name,
                             help="hub id, local model folder, or built-in name (stdlib:qwen3.5, stdlib:mamba2)")  # fmt: skip
     add_device_option(parser)
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=nonnegative_int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 on a machine shared with other jobs, where extra "
+                             "threads mostly wait for each other)")  # fmt: skip
 
 
 def add_token_options(parser: argparse.ArgumentParser, sequences: int, seq_len: int) -> None:

@@ -72,6 +72,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     stopped, with the command that resumes printed when the subcommand can resume.
     """
     start = time.time()
+    if getattr(args, "threads", 0):  # the demo's own --threads reaches run_demo too
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         with stop_signals():
             args.func(args)
