@@ -36,10 +36,16 @@ NOT_APPLICABLE = FullProtocol("planted-not-applicable", "writesae.protocols.run"
 BROKEN = FullProtocol("planted-failure", "writesae.protocols.run", "always fails", _broken, reference=REFERENCE)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One quick run of the registry plus the planted entries, then a resume without them."""
-    out = tmp_path_factory.mktemp("full")
+def test_quick_full_demo(tmp_path):
+    """One quick run of the registry plus the planted entries, then a resume without them (one test, so that
+    pytest-xdist does not run the same demo on both workers)."""
+    quick_run = _quick_run(tmp_path)
+    _report_has_a_row_per_protocol_with_its_runs_figures(quick_run)
+    _nothing_is_skipped_silently(quick_run)
+    _resume_keeps_finished_stages(quick_run)
+
+
+def _quick_run(out):
     with pytest.raises(FullDemoError, match="planted-failure"):
         run_full_demo((MODEL,), out, preset="tiny", protocols=(*FULL_PROTOCOLS, NOT_APPLICABLE, BROKEN))
     first = json.loads((out / "summary.json").read_text())
@@ -52,7 +58,7 @@ def quick_run(tmp_path_factory):
             "demo_kept": demo_summary.stat().st_mtime_ns == stamp, "resume_seconds": time.time() - begin}  # fmt: skip
 
 
-def test_report_has_a_row_per_protocol_with_its_runs_figures(quick_run):
+def _report_has_a_row_per_protocol_with_its_runs_figures(quick_run):
     out, summary = quick_run["out"], quick_run["resumed"]
     report = (out / "report.md").read_text()
     rows = {row["protocol"]: row for row in summary["models"][MODEL]["protocols"]}
@@ -78,7 +84,7 @@ def test_report_has_a_row_per_protocol_with_its_runs_figures(quick_run):
     assert written["models"][MODEL]["protocols"] == summary["models"][MODEL]["protocols"]
 
 
-def test_nothing_is_skipped_silently(quick_run):
+def _nothing_is_skipped_silently(quick_run):
     rows = {row["protocol"]: row for row in quick_run["first"]["models"][MODEL]["protocols"]}
     assert rows["planted-not-applicable"]["status"] == "not applicable"
     assert rows["planted-failure"]["status"] == "failed"
@@ -92,7 +98,7 @@ def test_nothing_is_skipped_silently(quick_run):
     assert all(rows[entry.name]["status"] in ("ran", "not applicable") for entry in FULL_PROTOCOLS)
 
 
-def test_resume_keeps_finished_stages(quick_run):
+def _resume_keeps_finished_stages(quick_run):
     assert quick_run["demo_kept"], "a finished demo is kept as it is on --resume"
     before = {row["protocol"]: row["headline"] for row in quick_run["first"]["models"][MODEL]["protocols"]}
     after = {row["protocol"]: row["headline"] for row in quick_run["resumed"]["models"][MODEL]["protocols"]}
