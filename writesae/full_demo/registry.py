@@ -293,7 +293,7 @@ _PAPER_PROTOCOLS = (
         "writesae.protocols.spectra",
         "singular values of every head's state: sigma1/sigma2, effective and stable rank, write reuse (no SAE)",
         ProtocolCall("writesae.protocols.spectra", "run_spectra", "SpectraConfig", inputs=("model", "tokens")),
-        sizes={"sequences": 16},
+        sizes={"sequences": 16, "covariance_samples": 256},
         tiny={"sequences": 2, "covariance_samples": 64},
         key_figures=("median_sigma1_over_sigma2", "median_stable_rank", "most_rank1_cell"),
     ),
@@ -374,10 +374,10 @@ _PAPER_PROTOCOLS = (
         ),
         sizes={
             "sequences": 16,
-            "train_sequences": 32,
+            "train_sequences": 24,
             "sae_d_sae": 256,
             "sae_k": 8,
-            "sae_epochs": 4,
+            "sae_epochs": 3,
             "substitution": {"n_atoms": 16, "max_firings_per_atom": 5, "n_bootstrap": 500, "n_permutations": 1000},
         },
         tiny={
@@ -416,9 +416,9 @@ _PAPER_PROTOCOLS = (
         sizes={
             "sequences": 12,
             "seeds": (0,),
-            "d_sae": 256,
+            "d_sae": 128,
             "k": 8,
-            "epochs": 3,
+            "epochs": 2,
             "trainer": {"input_scaling": "unit_mean_square", "lr": 2e-3, "batch_size": 128, "warmup_steps": 20},
             "substitution": {"n_atoms": 12, "max_firings_per_atom": 3, "n_bootstrap": 500, "n_permutations": 1000},
         },
