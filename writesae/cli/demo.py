@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "models")  # fmt: skip
     p.add_argument("--full", action="store_true",
                    help="after the demo, run every paper protocol and write one report with the paper's reference "
-                        f"values (default --out {DEFAULT_FULL_OUT}; under 20 minutes on 2 CPU cores)")  # fmt: skip
+                        f"values (default --out {DEFAULT_FULL_OUT}; sized for about 20 minutes on 2 idle CPU "
+                        "cores)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="with --full: tiny sizes, a check that every stage runs")
     p.add_argument("--jobs", type=options.positive_int, default=None,
                    help="with --full: models run at once, one process each (default: one per CPU)")  # fmt: skip
