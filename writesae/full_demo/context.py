@@ -78,7 +78,7 @@ class DemoContext:
         """Layers with softmax attention (readers of a recurrent write); none on a pure Mamba-2."""
         return [i for i, kind in enumerate(self.model.cfg.layer_types) if kind == "attention"]
 
-    def train_sae(self, name: str, kind: str = "state", **sae_kwargs: Any) -> Any:
+    def train_sae(self, name: str, kind: str = "state", epochs: int | None = None, **sae_kwargs: Any) -> Any:
         """Another WriteSAE of the cell (e.g. ``variant="flat"``) on the demo's store, with the demo's recipe
         and sizes; saved in ``paper/inputs/{name}/sae`` (atomically), and loaded from there once it is."""
         from writesae.demo import demo_trainer
@@ -90,7 +90,8 @@ class DemoContext:
         if (saved / "cfg.json").is_file():
             return WriteSAE.load_from_disk(saved, device=self.device).eval()
         shutil.rmtree(out_dir / "training", ignore_errors=True)  # a stopped training starts again
-        trainer = demo_trainer(self.demo_sizes, out_dir / "training")
+        sizes = self.demo_sizes if epochs is None else {**self.demo_sizes, "epochs": epochs}
+        trainer = demo_trainer(sizes, out_dir / "training")
         sae, _ = train_on_store(self.demo_dir / f"store_{kind}", self.layer, self.head, d_sae=self.demo_sizes["d_sae"],
                                 k=self.demo_sizes["k"], trainer=trainer, seed=self.seed, device=self.device,
                                 **sae_kwargs)  # fmt: skip
