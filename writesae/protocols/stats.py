@@ -35,8 +35,10 @@ __all__ = [
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion.
 
-    >>> [round(x, 4) for x in wilson_interval(8, 10)]
+    >>> [round(float(x), 4) for x in wilson_interval(8, 10)]
     [0.4902, 0.9433]
+    >>> wilson_interval(0, 10)[0], wilson_interval(10, 10)[1]
+    (0.0, 1.0)
     """
     if n == 0:
         return (0.0, 1.0)
@@ -45,7 +47,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, center - half), min(1.0, center + half))
+    # At 0 or n successes the bound is exactly 0 or 1; the formula leaves a rounding error there
+    # (2.8e-17 above 0), which turns a plot's error bar negative.
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return (float(low), float(high))
 
 
 def paired_wilcoxon(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
