@@ -43,6 +43,7 @@ __all__ = [
     "output_mode",
     "add_device_option",
     "add_model_options",
+    "add_threads_option",
     "add_token_options",
     "add_output_options",
     "add_resume_options",
@@ -171,6 +172,11 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) 
     add_device_option(parser)
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype")
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_option(parser)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's CPU threads for the command (set by `writesae.cli.running.run_command`)."""
     parser.add_argument("--threads", type=nonnegative_int, default=0,
                         help="torch CPU threads (0: torch's default; 1 on a machine shared with other jobs, where extra "
                              "threads mostly wait for each other)")  # fmt: skip

@@ -14,6 +14,7 @@ RESUME_NOTE = "finished cells are kept and never trained again; an unfinished ce
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", type=options.existing_file, help="a YAML or JSON grid file (format: see writesae.sweep.grid)")
     options.add_device_option(p)
+    options.add_threads_option(p)
     options.add_output_options(p, "sweep")
     p.epilog = ("Under torchrun (torchrun --nproc-per-node N $(which writesae) sweep GRID ...) each process "
                 "trains its share of the cells; --out must be on a file system every node sees.")

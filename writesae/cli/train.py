@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", type=options.store_dir, help="a store written by `writesae collect`")
     p.add_argument("--layer", type=options.nonnegative_int, required=True)
     p.add_argument("--head", type=options.nonnegative_int, required=True)
+    options.add_threads_option(p)
     p.add_argument("--d-sae", type=options.positive_int, default=2048, help="dictionary size")
     p.add_argument("--k", type=options.positive_int, default=32, help="active atoms per sample")
     p.add_argument("--variant", default="bilinear", choices=["bilinear", "flat", "matrix", "bilinear_tied"])
