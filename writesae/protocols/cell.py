@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Cell", "CellTrace", "trace_cell", "sae_cell", "encode_trace", "STRENGTH_HOOKS"]
+__all__ = ["Cell", "CellTrace", "trace_cell", "recurrent_cell", "sae_cell", "encode_trace", "STRENGTH_HOOKS"]
 
 STRENGTH_HOOKS = ("hook_beta", "hook_dt")
 """Per-head scalars that scale a mixer's write (Gated DeltaNet ``beta_t``, Mamba-2 ``dt_t``), in order
@@ -39,6 +39,16 @@ class Cell:
     def state_hook(self, model: Any) -> str:
         """This head's ``heads.{h}.hook_state``."""
         return self.hook_name(model, "heads.{h}.hook_state")
+
+
+def recurrent_cell(model: Any, layer: int, head: int) -> Cell:
+    """The cell at (layer, head), refused unless the layer is matrix-recurrent and the head exists."""
+    if layer not in model.cfg.recurrent_layers or not 0 <= head < model.cfg.n_heads:
+        raise ValueError(
+            f"layer={layer}, head={head} is not a recurrent head; recurrent layers: {model.cfg.recurrent_layers}, "
+            f"heads 0..{model.cfg.n_heads - 1}"
+        )
+    return Cell(layer, head)
 
 
 def sae_cell(model: Any, sae: Any) -> tuple[Cell, str]:

@@ -42,7 +42,7 @@ from hooked_recurrent.edits import add_to_writes
 from hooked_recurrent.fork import on_rows
 from hooked_recurrent.linear_response import LOGITS, linear_responses
 
-from .cell import Cell, CellTrace, trace_cell
+from .cell import Cell, CellTrace, recurrent_cell, trace_cell
 from .checks import check_config
 from .report import config_table, markdown_table
 from .run import Protocol, ProtocolResult, run_protocol, unit_generator
@@ -158,12 +158,8 @@ class Install(Protocol[InstallRecord]):
         targets: list[int] | None = None,
         config: InstallConfig | None = None,
     ) -> None:
-        if layer not in model.cfg.recurrent_layers or not 0 <= head < model.cfg.n_heads:
-            raise ValueError(
-                f"layer={layer}, head={head} is not a recurrent head; recurrent layers: {model.cfg.recurrent_layers}, "
-                f"heads 0..{model.cfg.n_heads - 1}"
-            )
-        self.model, self.prompts, self.cell, self.targets = model, prompts, Cell(layer, head), targets
+        cell = recurrent_cell(model, layer, head)
+        self.model, self.prompts, self.cell, self.targets = model, prompts, cell, targets
         self.config = config = config or InstallConfig()
         length = prompts.shape[1]
         self.ends = [length - 1 - e for e in config.ends_from_last if length - e - config.window >= 0]

@@ -35,7 +35,7 @@ from torch import Tensor
 from hooked_recurrent.edits import add_to_writes
 from hooked_recurrent.linear_response import LOGITS, linear_responses
 
-from .cell import Cell, trace_cell
+from .cell import recurrent_cell, trace_cell
 from .checks import check_config
 from .install import target_direction
 from .logit_shift import r_squared
@@ -150,17 +150,13 @@ class SignTest(Protocol[SignTestRecord]):
         targets: list[int] | None = None,
         config: SignTestConfig | None = None,
     ) -> None:
-        if layer not in model.cfg.recurrent_layers or not 0 <= head < model.cfg.n_heads:
-            raise ValueError(
-                f"layer={layer}, head={head} is not a recurrent head; recurrent layers: {model.cfg.recurrent_layers}, "
-                f"heads 0..{model.cfg.n_heads - 1}"
-            )
+        cell = recurrent_cell(model, layer, head)
         self.config = config = config or SignTestConfig()
         if tokens.shape[1] < config.horizon + 2:
             raise ValueError(
                 f"prompts of {tokens.shape[1]} tokens leave no position to write at a horizon of {config.horizon}"
             )
-        self.model, self.tokens, self.cell, self.targets = model, tokens, Cell(layer, head), targets
+        self.model, self.tokens, self.cell, self.targets = model, tokens, cell, targets
         with torch.no_grad():
             out_proj = model.mixer(layer).head_output_weight(head).detach().float().cpu()
             self.readout = (out_proj.T @ model.W_U.detach().float().cpu()).norm(dim=0)  # ||W_O^T W_U[T]|| per token
