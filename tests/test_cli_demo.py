@@ -26,9 +26,9 @@ def test_demo_pipeline_writes_every_result(model, tmp_path, demo_runs):
     assert 0 <= substitution["headline"]["win_rate"] <= 1
     assert {(g["sae_input"], g["variant"]) for g in substitution["alternatives"]} == {(i, v) for i in ("state", "write") for v in VARIANTS}
     assert set(summary["logit_shift"]["small_eps"]["median_r2"]) == set(PATHS)
-    assert set(summary["install"]) == {"paper", "native_key", "logprob_gradient"}
+    assert set(summary["install"]) == {"paper", "native_key", "readout", "logprob_gradient"}
     for run in ("substitution", "substitution_write_sae", "logit_shift", "logit_shift_paper_eps", "install",
-                "install_native_key", "install_logprob_gradient"):
+                "install_native_key", "install_readout", "install_logprob_gradient"):
         assert {"settings.json", "records.jsonl", "summary.json", "report.md"} <= {p.name for p in (tmp_path / run).iterdir()}
     assert (tmp_path / "sae_state" / "cfg.json").exists() and (tmp_path / "sae_write" / "cfg.json").exists()
     report = (tmp_path / "report.md").read_text()

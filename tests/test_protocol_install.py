@@ -55,3 +55,38 @@ def test_target_direction_points_the_head_output_at_the_token():
     scores = (out_proj @ direction) @ model.W_U.detach()  # logit change per unit read along the direction
     assert float(direction.norm()) == pytest.approx(1.0)
     assert scores[42] > 0 and scores[42] >= torch.quantile(scores, 0.9)
+
+
+@pytest.mark.parametrize("arch", CORE_PRESETS)
+def test_readout_direction_is_the_unembedding_pulled_back_through_the_layer(arch):
+    """``direction="readout"`` (forward-mode, one tangent per value axis) against reverse-mode autograd of
+    ``W_U[T] . layer_output`` with respect to the head's read at the reading position."""
+    from writesae.protocols.install import Install
+    from writesae.protocols.walk import SequenceWalk
+
+    model, _ = tiny_pair(arch)
+    cell = Cell(model.cfg.recurrent_layers[-1], 1)
+    prompt, targets = random_tokens(1, 10, seed=7), [5, 77, 140]
+    install = Install(model, prompt, cell.layer, cell.head, targets=targets, config=InstallConfig(direction="readout"))
+    directions = install._directions(SequenceWalk(model, prompt), prompt, model(prompt)[0, -1].detach(), targets)
+
+    last, seen = prompt.shape[1] - 1, {}
+    read = torch.zeros(model.cfg.d_v, requires_grad=True)
+
+    def perturb(o, hook):
+        o = o.clone()
+        o[:, last, cell.head] = o[:, last, cell.head] + read
+        return o
+
+    def keep(out, hook):
+        seen["out"] = out[0, last]
+
+    hooks = [(cell.hook_name(model, "hook_recurrence_out"), perturb), (f"blocks.{cell.layer}.hook_attn_out", keep)]
+    for token in targets:
+        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+            model(prompt)
+            (gradient,) = torch.autograd.grad(seen["out"] @ model.W_U[:, token], read)
+        expected = torch.nn.functional.normalize(gradient.detach(), dim=0)
+        assert torch.allclose(directions[token], expected, atol=1e-4), (token, directions[token], expected)
+        # The gated norm matters: the paper's W_O^T W_U[T] is a different direction.
+        assert float(directions[token] @ target_direction(model, cell, token)) < 0.9999

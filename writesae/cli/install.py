@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=options.nonnegative_int, required=True)
     p.add_argument("--new-tokens", dest="new_tokens", type=options.positive_int, help="tokens generated after each prompt")
     p.add_argument("--key", choices=["reader_query", "native"], help="install key (default: the query that reads it)")
-    p.add_argument("--direction", choices=["out_proj", "logprob_gradient"], help="target direction (default: the paper's out_proj)")
+    p.add_argument("--direction", choices=["out_proj", "readout", "logprob_gradient"], help="target direction (default: the paper's out_proj)")
     p.add_argument("--norm", choices=["unscaled", "native"], help="install norm (default: the paper's, without the write's strength)")
     p.add_argument("--multiples", type=options.positive_float, nargs="+", help="install magnitudes m (default: 1.5 3 6)")
     options.add_output_options(p, "install run")

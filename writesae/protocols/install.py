@@ -3,7 +3,11 @@
 For a target token ``T`` the paper's value-space direction is ``v*_T = normalize(W_O[h]^T W_U[T])``
 (``direction="out_proj"``): the value a read must return for the head's output projection to push
 the logits toward ``T``, ignoring the gated norm between the read and that projection, later layers
-and the final norm. ``direction="logprob_gradient"`` uses the exact first-order direction instead:
+and the final norm. ``direction="readout"`` keeps the paper's construction but pulls ``W_U[T]`` back
+through the head's whole readout at the reading position (its gated norm and the output projection,
+by the exact Jacobian), still ignoring later layers and the final norm: on Mamba-2 the norm's gate
+``silu(z)`` is small or negative on many coordinates, so ``W_O^T W_U[T]`` alone points partly the
+wrong way. ``direction="logprob_gradient"`` uses the exact first-order direction:
 ``d log p_T / d o`` at the reading position (forward-mode AD through the hooked model). An install adds
 ``m * n_t * k^ v*_T^T`` to the head's write at ``window`` consecutive prompt positions, where
 ``k^`` is a unit key and ``n_t`` the norm of the native write there; the model then continues
@@ -63,7 +67,9 @@ class InstallConfig:
         new_tokens: Greedy tokens generated (paper: 20).
         key: ``"reader_query"`` (the query of the last prompt position, which reads the install) or
             ``"native"`` (the write's own key at each install position).
-        direction: ``"out_proj"``: the paper's ``normalize(W_O[h]^T W_U[T])``; ``"logprob_gradient"``:
+        direction: ``"out_proj"``: the paper's ``normalize(W_O[h]^T W_U[T])``; ``"readout"``:
+            ``normalize(J^T W_U[T])`` with ``J`` the Jacobian of the layer's output to the head's read at
+            the reading position (the gated norm included); ``"logprob_gradient"``:
             ``normalize(d log p_T / d o)`` of the head's read at the reading position.
         norm: ``"unscaled"``: ``m`` times the native write's norm without its strength (the paper's
             ``||k_t v_t^T||``); ``"native"``: ``m`` times ``||k_t u_t^T||``.
@@ -80,7 +86,7 @@ class InstallConfig:
     ends_from_last: tuple[int, ...] = (0, 1, 2, 4, 8)
     new_tokens: int = 20
     key: Literal["reader_query", "native"] = "reader_query"
-    direction: Literal["out_proj", "logprob_gradient"] = "out_proj"
+    direction: Literal["out_proj", "readout", "logprob_gradient"] = "out_proj"
     norm: Literal["unscaled", "native"] = "unscaled"
     rank_classes: tuple[tuple[str, int, int | None], ...] = (("midrank", 100, 1000), ("rare", 10_000, None))
     targets_per_class: int = 2
@@ -202,9 +208,15 @@ class Install(Protocol[InstallRecord]):
             return {t: target_direction(self.model, self.cell, t) for t in targets}
         last = prompt.shape[1] - 1
         name = self.cell.hook_name(self.model, "hook_recurrence_out")
+        layer_out = f"blocks.{self.cell.layer}.hook_attn_out"  # the mixer's output, added to the residual
         basis = torch.eye(self.model.cfg.d_v)
-        jacobian = linear_responses(self.model, prompt[:, last:], name, last, basis, head=self.cell.head,
-                                    cache=walk.cache_at(last))[LOGITS][:, 0, 0].float().cpu()  # [d_v, d_vocab]
+        responses = linear_responses(self.model, prompt[:, last:], name, last, basis, head=self.cell.head,
+                                     cache=walk.cache_at(last), reads=[layer_out])  # fmt: skip
+        if self.config.direction == "readout":
+            readout = responses[layer_out][:, 0, 0].float().cpu()  # [d_v, d_model]: d layer output / d o
+            unembed = self.model.W_U.detach().float().cpu()
+            return {t: torch.nn.functional.normalize(readout @ unembed[:, t], dim=0) for t in targets}
+        jacobian = responses[LOGITS][:, 0, 0].float().cpu()  # [d_v, d_vocab]
         expected = jacobian @ torch.softmax(base_logits.double(), -1).float()  # d E_p[logit] / d o
         return {t: torch.nn.functional.normalize(jacobian[:, t] - expected, dim=0) for t in targets}
 
