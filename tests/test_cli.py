@@ -130,3 +130,18 @@ def test_threads_option_sets_torch_threads_for_the_command(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_seed_sets_the_protocols_own_draws_only_when_given(tmp_path):
+    """Without --seed a command draws like the Python API (the config's own seed); --seed sets both."""
+    import json
+
+    from writesae.protocols.install import InstallConfig
+
+    argv = ["install", "tiny-random:qwen3.5", "--layer", "0", "--head", "1", "--tokens", "random", "--sequences", "1",
+            "--seq-len", "12", "--new-tokens", "1", "--multiples", "1", "--device", "cpu", "--out"]  # fmt: skip
+    seeds = {}
+    for name, extra in (("default", []), ("given", ["--seed", "3"])):
+        assert main([*argv, str(tmp_path / name), *extra]) == 0
+        seeds[name] = json.loads((tmp_path / name / "settings.json").read_text())["config"]["seed"]
+    assert seeds == {"default": InstallConfig().seed, "given": 3}

@@ -19,9 +19,10 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def token_blocks(model: Any, args: argparse.Namespace, split: str = "val") -> torch.Tensor:
     """``--sequences`` blocks of ``--seq-len`` tokens from ``--tokens``, on the model's device."""
+    from writesae.cli.options import token_seed
     from writesae.tokens import token_blocks as blocks
 
-    tokens = blocks(model, args.tokens, split=split, n_sequences=args.sequences, seq_len=args.seq_len, seed=args.seed)
+    tokens = blocks(model, args.tokens, split=split, n_sequences=args.sequences, seq_len=args.seq_len, seed=token_seed(args))
     return tokens.to(model.cfg.device)
 
 

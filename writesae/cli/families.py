@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     train_tokens = None
     if args.store is None:
         train_tokens = token_blocks(model, args.tokens, split="train", n_sequences=args.train_sequences,
-                                    seq_len=args.seq_len, seed=args.seed).to(model.cfg.device)  # fmt: skip
+                                    seq_len=args.seq_len, seed=options.token_seed(args)).to(model.cfg.device)  # fmt: skip
     result = run_families(model, tokens, store=args.store, train_tokens=train_tokens, layer=args.layer, head=args.head,
                           config=config, out_dir=args.out, mode=mode, device=str(model.cfg.device))  # fmt: skip
     common.print_json("families run", result.summary["headline"])

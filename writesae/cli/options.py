@@ -171,8 +171,15 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = True) 
                             help="hub id, local model folder, or built-in name (stdlib:qwen3.5, stdlib:mamba2)")  # fmt: skip
     add_device_option(parser)
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the token draw (default 0) and, when given, of the protocol's own random choices "
+                             "(default: the protocol config's seed, as in Python)")  # fmt: skip
     add_threads_option(parser)
+
+
+def token_seed(args: argparse.Namespace) -> int:
+    """The seed of a command's token draw: ``--seed``, 0 when not given."""
+    return 0 if args.seed is None else args.seed
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
