@@ -1,4 +1,5 @@
-"""Flat+SVD substitution (Table 6): a flat atom that is exactly rank-1 is substituted as the WriteSAE atom it equals."""
+"""Flat+SVD substitution (Table 6): a flat atom that is exactly rank-1 is substituted as the WriteSAE atom it equals;
+so is a bilinear_flat atom (matched-filter encoder, dense decoder), against the bilinear WriteSAE with its filters."""
 
 import pytest
 import torch
@@ -11,31 +12,40 @@ from writesae.protocols.substitution import VARIANTS, SubstitutionConfig, run_su
 from writesae.protocols.substitution_set import untag
 
 
-def sae(model, layer, head, variant, d_sae, k):
-    cfg = WriteSAEConfig.build(d_k=model.cfg.d_k, d_v=model.cfg.d_v, d_sae=d_sae, k=k, variant=variant)
+def sae(model, layer, head, variant, d_sae, k, rank=1):
+    cfg = WriteSAEConfig.build(d_k=model.cfg.d_k, d_v=model.cfg.d_v, d_sae=d_sae, k=k, variant=variant, rank=rank)
     cfg.metadata.hook_name = model.cfg.hook_name(layer, "hook_state")
     cfg.metadata.hook_head_index = head
     cfg.metadata.model_name = model.cfg.model_name
     return WriteSAE(cfg, seed=0)
 
 
-def rank1_pair(model, layer, head, d_sae=6, k=1):
-    """A flat SAE whose atoms are exactly rank-1 (norms 0.5..2), and the dense-encoder rank-1 WriteSAE equal to it."""
+# A dense-decoder family and the factor-decoder family with the same encoder.
+PAIRS = {"flat": "matrix", "bilinear_flat": "bilinear"}
+
+
+def rank1_pair(model, layer, head, d_sae=6, k=1, dense="flat", rank=1):
+    """A dense-decoder SAE (``dense``) whose atoms are exactly rank-1 (norms 0.5..2), and the WriteSAE with the
+    same encoder and those atoms as factors (flat -> matrix, bilinear_flat -> bilinear)."""
     g = torch.Generator().manual_seed(1)
     unit = torch.nn.functional.normalize
     keys = unit(torch.randn(d_sae, model.cfg.d_k, generator=g), dim=-1)
     values = unit(torch.randn(d_sae, model.cfg.d_v, generator=g), dim=-1)
     norms = torch.linspace(0.5, 2.0, d_sae)
-    flat, matrix = sae(model, layer, head, "flat", d_sae, k), sae(model, layer, head, "matrix", d_sae, k)
+    flat = sae(model, layer, head, dense, d_sae, k, rank)
+    factored = sae(model, layer, head, PAIRS[dense], d_sae, k, rank)
     with torch.no_grad():
         flat.W_dec.copy_((norms[:, None, None] * keys[:, :, None] * values[:, None, :]).reshape(d_sae, -1))
-        matrix.W_enc.copy_(flat.W_enc)
-        matrix.b_enc.copy_(flat.b_enc)
-        matrix.b_dec.zero_()
+        for name in ("W_enc", "W_enc_key", "W_enc_value", "b_enc"):
+            if name in dict(flat.named_parameters()):
+                getattr(factored, name).copy_(getattr(flat, name))
+        factored.b_dec.zero_()
         flat.b_dec.zero_()
-        matrix.W_dec_key.copy_(norms[:, None, None] * keys[:, None, :])
-        matrix.W_dec_value.copy_(values[:, None, :])
-    return flat, matrix
+        factored.W_dec_key.zero_()
+        factored.W_dec_value.zero_()
+        factored.W_dec_key[:, 0].copy_(norms[:, None] * keys)
+        factored.W_dec_value[:, 0].copy_(values)
+    return flat, factored
 
 
 def assert_same(a, b, variants):
@@ -47,19 +57,20 @@ def assert_same(a, b, variants):
         assert a.kl_random[v] == pytest.approx(b.kl_random[v], rel=1e-4, abs=1e-9)
 
 
-def test_an_exactly_rank1_flat_atom_substitutes_as_the_equal_writesae_atom(tmp_path):
+@pytest.mark.parametrize("dense", ["flat", "bilinear_flat"])
+def test_an_exactly_rank1_flat_atom_substitutes_as_the_equal_writesae_atom(tmp_path, dense):
     model, _ = tiny_pair("tiny-random:qwen3.5")
     layer, head = model.cfg.recurrent_layers[0], 1
-    flat, matrix = rank1_pair(model, layer, head)
-    assert torch.allclose(rank1_projection(flat).atom_matrices(), matrix.atom_matrices(), atol=1e-6)
+    flat, factored = rank1_pair(model, layer, head, dense=dense)
+    assert torch.allclose(rank1_projection(flat).atom_matrices(), factored.atom_matrices(), atol=1e-6)
     tokens = random_tokens(2, 10, seed=4)
     substitution = SubstitutionConfig(max_firings_per_atom=1, n_bootstrap=20, n_permutations=20)
-    alone = run_substitution(model, matrix, tokens, config=substitution, verbose=False).records
+    alone = run_substitution(model, factored, tokens, config=substitution, verbose=False).records
     assert len(alone) >= 4
     for svd_of, variants in (("atom", VARIANTS), ("reconstruction", ("firing/matched_norm", "dominant/matched_norm"))):
         config = FlatSVDConfig(substitution=substitution, svd_of=svd_of)
         out_dir = tmp_path if svd_of == "atom" else None  # one run writes its folder (plots are slow to import)
-        result = run_flat_svd(model, matrix, tokens, flat_sae=flat, config=config, verbose=False, out_dir=out_dir)
+        result = run_flat_svd(model, factored, tokens, flat_sae=flat, config=config, verbose=False, out_dir=out_dir)
         atoms = [untag(r) for r in result.records if r.sae == "writesae"]
         flat_svd = [r for r in result.records if r.sae == "flat_svd"]
         assert atoms == alone  # the set runs each test exactly as alone
@@ -69,6 +80,25 @@ def test_an_exactly_rank1_flat_atom_substitutes_as_the_equal_writesae_atom(tmp_p
         h = result.summary["headline"]
         assert h["flat_svd_win_rate"] == pytest.approx(h["writesae_win_rate"]) and h["delta_pp"] == pytest.approx(0.0)
     assert (tmp_path / "win_rates.png").is_file() and (tmp_path / "atoms_flat_svd.jsonl").is_file()
+
+
+def test_projecting_a_rank2_bilinear_flat_keeps_its_filters_and_its_rank1_atoms():
+    """A rank-2 matched filter over exactly rank-1 dense atoms projects to the rank-2 bilinear WriteSAE with the same
+    filters and the same atoms (top pair, then a zero factor row): same codes, same reconstructions."""
+    model, _ = tiny_pair("tiny-random:qwen3.5")
+    layer, head = model.cfg.recurrent_layers[0], 1
+    flat, factored = rank1_pair(model, layer, head, d_sae=8, k=2, dense="bilinear_flat", rank=2)
+    projected = rank1_projection(flat)
+    assert projected.cfg.variant == "bilinear" and projected.cfg.rank == 2
+    torch.testing.assert_close(projected.atom_matrices(), flat.atom_matrices(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(projected.atom_matrices(), factored.atom_matrices(), atol=1e-6, rtol=1e-5)
+    assert (projected.W_dec_key[:, 1] == 0).all() and (projected.W_dec_value[:, 1] == 0).all()
+    states = torch.randn(5, model.cfg.d_k, model.cfg.d_v)
+    with torch.no_grad():
+        assert torch.equal(projected.encode(states), flat.encode(states))
+        torch.testing.assert_close(projected(states), flat(states), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dense-decoder SAE"):
+        rank1_projection(factored)
 
 
 def test_reconstruction_svd_of_a_rank2_reconstruction_is_its_top_pair():

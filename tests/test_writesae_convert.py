@@ -1,11 +1,11 @@
 """Paper-checkpoint converter, on synthetic checkpoints in the reference code's layout.
 
 Their equations (reference code, layout K x V, S not centred before encoding):
-    bilinear: pre_i = sum_r V_enc[i,r]^T S W_enc[i,r] + b_enc[i]      (tied: V_dec, W_dec)
+    bilinear: pre_i = sum_r V_enc[i,r]^T S W_enc[i,r] + b_enc[i]      (tied: V_dec, W_dec; bilinear_flat too)
     rank1:    pre   = encoder.weight @ vec(S) + encoder.bias
     flat:     pre   = encoder.weight @ vec(S) + encoder.bias
     a = ReLU of the k largest pre per sample
-    S_hat = sum_i a_i sum_r V_dec[i,r] W_dec[i,r]^T + bias           (rank1: V, W; flat: decoder(a))
+    S_hat = sum_i a_i sum_r V_dec[i,r] W_dec[i,r]^T + bias           (rank1: V, W; flat, bilinear_flat: decoder(a))
 """
 
 from pathlib import Path
@@ -31,6 +31,9 @@ def paper_checkpoint(sae_type: str, rank: int = 2, two_d: bool = False) -> dict:
         state = {"V_enc": factor(D_K), "W_enc": factor(D_V), "b_enc": r(N), "V_dec": factor(D_K), "W_dec": factor(D_V), "bias": r(D_K, D_V)}
     elif sae_type == "bilinear_tied":
         state = {"b_enc": r(N), "V_dec": factor(D_K), "W_dec": factor(D_V), "bias": r(D_K, D_V)}
+    elif sae_type == "bilinear_flat":
+        state = {"V_enc": factor(D_K), "W_enc": factor(D_V), "b_enc": r(N),
+                 "decoder.weight": r(D_K * D_V, N), "decoder.bias": r(D_K * D_V)}  # fmt: skip
     elif sae_type == "rank1":
         state = {"encoder.weight": r(N, D_K * D_V), "encoder.bias": r(N), "V": factor(D_K), "W": factor(D_V), "bias": r(D_K, D_V)}
     else:
@@ -49,15 +52,15 @@ def their_forward(ckpt: dict, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     def f3(x):
         return x[:, None, :] if x.ndim == 2 else x
 
-    if t in ("bilinear", "bilinear_tied"):
-        ve, we = (st["V_enc"], st["W_enc"]) if t == "bilinear" else (st["V_dec"], st["W_dec"])
+    if t in ("bilinear", "bilinear_tied", "bilinear_flat"):
+        ve, we = (st["V_enc"], st["W_enc"]) if t != "bilinear_tied" else (st["V_dec"], st["W_dec"])
         ve, we = f3(ve), f3(we)
         pre = torch.stack([sum(ve[i, j] @ s_ @ we[i, j] for j in range(ve.shape[1])) for s_ in s for i in range(N)]).reshape(b, N) + st["b_enc"]
     else:
         pre = s.reshape(b, -1) @ st["encoder.weight"].T + st["encoder.bias"]
     top = pre.topk(K, dim=-1)
     a = torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp(min=0))
-    if t == "flat":
+    if t in ("flat", "bilinear_flat"):
         recon = (a @ st["decoder.weight"].T + st["decoder.bias"]).reshape(b, D_K, D_V)
     else:
         vd, wd = (st["V_dec"], st["W_dec"]) if t != "rank1" else (st["V"], st["W"])
@@ -69,7 +72,8 @@ def their_forward(ckpt: dict, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize(
     ("sae_type", "rank", "two_d"),
-    [("bilinear", 2, False), ("bilinear", 1, True), ("bilinear_tied", 2, False), ("rank1", 2, False), ("rank1", 1, True), ("flat", 1, False)],
+    [("bilinear", 2, False), ("bilinear", 1, True), ("bilinear_tied", 2, False), ("rank1", 2, False), ("rank1", 1, True), ("flat", 1, False),
+     ("bilinear_flat", 2, False), ("bilinear_flat", 1, True)],  # fmt: skip
 )
 def test_converted_checkpoint_matches_their_equations(tmp_path: Path, sae_type: str, rank: int, two_d: bool) -> None:
     ckpt = paper_checkpoint(sae_type, rank, two_d)
@@ -109,3 +113,14 @@ def test_refuses_pickled_modules_and_bad_layouts(tmp_path: Path) -> None:
     ckpt["config"]["sae_type"] = "bilinear_gated"
     with pytest.raises(CheckpointError, match="not convertible"):
         load_paper_checkpoint(ckpt)
+
+
+def test_a_bilinear_flat_checkpoint_is_recognised_by_its_keys() -> None:
+    """Without ``config["sae_type"]``: matched-filter factors plus a dense ``decoder`` are BilinearEncoderFlatSAE's."""
+    ckpt = paper_checkpoint("bilinear_flat")
+    del ckpt["config"]["sae_type"]
+    sae = load_paper_checkpoint(ckpt)
+    assert sae.cfg.variant == "bilinear_flat" and sae.cfg.rank == 2
+    ckpt = paper_checkpoint("bilinear")
+    del ckpt["config"]["sae_type"]
+    assert load_paper_checkpoint(ckpt).cfg.variant == "bilinear"

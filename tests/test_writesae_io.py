@@ -36,6 +36,7 @@ def test_fresh_process_loads_equal_sae_and_registration_is_idempotent(tmp_path: 
     saes = {
         "bilinear": make_sae(sparsity="batchtopk", input_mean="fixed", rank=2),
         "flat": make_sae(variant="flat"),
+        "bilinear_flat": make_sae(variant="bilinear_flat", rank=2, input_mean="fixed"),
     }
     states = torch.randn(4, 6, 5)
     for name, sae in saes.items():
@@ -49,7 +50,7 @@ def test_fresh_process_loads_equal_sae_and_registration_is_idempotent(tmp_path: 
         import sae_lens
 
         out = {{}}
-        for name in ("bilinear", "flat"):
+        for name in {list(saes)}:
             sae = sae_lens.SAE.load_from_disk(r"{tmp_path}/" + name)
             ref = torch.load(r"{tmp_path}/" + name + ".pt")
             out[name] = {{

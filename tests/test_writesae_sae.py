@@ -2,10 +2,10 @@
 
 Reference (float64, one head, S in [d_k, d_v]):
     c_in  = input_mean + b_dec * apply_b_dec_to_input,   c_out = b_dec + input_mean
-    E_i   = sum_r ek_ir ek'_ir^T (bilinear), dec factors (tied), W_enc[:, i] reshaped (dense)
+    E_i   = sum_r ek_ir ek'_ir^T (bilinear, bilinear_flat), dec factors (tied), W_enc[:, i] reshaped (dense)
     pre_i = <E_i, S - c_in> + b_enc_i
     a     = ReLU of the k largest pre_i per sample, zero elsewhere
-    S_hat = sum_i a_i A_i + c_out,   A_i = sum_r v_ir w_ir^T (factors) or W_dec[i] reshaped (flat)
+    S_hat = sum_i a_i A_i + c_out,   A_i = sum_r v_ir w_ir^T (factors) or W_dec[i] reshaped (flat, bilinear_flat)
 """
 
 import jaxtyping
@@ -18,7 +18,8 @@ with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
     from writesae import WriteSAE, WriteSAEConfig
 
 D_K, D_V, D_SAE = 6, 5, 24
-VARIANTS = ["bilinear", "flat", "matrix", "bilinear_tied"]
+VARIANTS = ["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"]
+DENSE_DECODERS = ("flat", "bilinear_flat")
 
 
 def make_sae(variant: str = "bilinear", rank: int = 1, **kw) -> WriteSAE:
@@ -45,9 +46,9 @@ def reference(sae: WriteSAE, states: torch.Tensor) -> tuple[torch.Tensor, torch.
     if cfg.variant in ("flat", "matrix"):
         enc = [p["W_enc"][:, i].reshape(cfg.d_k, cfg.d_v) for i in range(n)]
     else:
-        ek, ev = (p["W_enc_key"], p["W_enc_value"]) if cfg.variant == "bilinear" else (p["W_dec_key"], p["W_dec_value"])
+        ek, ev = (p["W_enc_key"], p["W_enc_value"]) if "W_enc_key" in p else (p["W_dec_key"], p["W_dec_value"])
         enc = [sum(torch.outer(ek[i, r], ev[i, r]) for r in range(cfg.rank)) for i in range(n)]
-    if cfg.variant == "flat":
+    if cfg.variant in DENSE_DECODERS:
         atoms = [p["W_dec"][i].reshape(cfg.d_k, cfg.d_v) for i in range(n)]
     else:
         atoms = [sum(torch.outer(p["W_dec_key"][i, r], p["W_dec_value"][i, r]) for r in range(cfg.rank)) for i in range(n)]
@@ -97,7 +98,7 @@ def test_factor_pair_encode_equals_dense_encode(variant: str) -> None:
     torch.testing.assert_close(out, sae(writes), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["bilinear", "bilinear_tied"])
+@pytest.mark.parametrize("variant", ["bilinear", "bilinear_tied", "bilinear_flat"])
 def test_factor_pair_encode_builds_no_per_sample_matrix(variant: str) -> None:
     b, d = 512, 32
     torch.manual_seed(0)
@@ -132,6 +133,39 @@ def test_bilinear_score_of_rank1_input_is_product_of_dots() -> None:
     sae.encode((key[None], value[None]))
     expected = (sae.W_enc_key[:, 0] @ key) * (sae.W_enc_value[:, 0] @ value)
     torch.testing.assert_close(pre["x"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_bilinear_flat_is_a_matched_filter_over_a_dense_decoder() -> None:
+    """bilinear_flat, written out by hand: pre_i = sum_r ek_ir^T (S - b_dec) ev_ir + b_enc_i, and
+    decode(a) = a W_dec + vec(b_dec) (the paper's W_dec^T a + b_dec with W_dec [d_in, n])."""
+    sae = make_sae("bilinear_flat", rank=2)
+    assert {n for n, _ in sae.named_parameters()} == {"W_enc_key", "W_enc_value", "W_dec", "b_enc", "b_dec"}
+    assert sae.W_enc_key.shape == (D_SAE, 2, D_K) and sae.W_dec.shape == (D_SAE, D_K * D_V)
+    # initialised as the reference code does: unit-norm encoder factor rows and decoder rows
+    for p in (sae.W_enc_key, sae.W_enc_value, sae.W_dec):
+        torch.testing.assert_close(p.norm(dim=-1), torch.ones(p.shape[:-1]))
+    s = torch.randn(3, D_K, D_V, dtype=torch.float64)
+    ek, ev = sae.W_enc_key.double(), sae.W_enc_value.double()
+    b_dec, b_enc = sae.b_dec.double(), sae.b_enc.double()
+    pre = torch.tensor([[float(sum(ek[i, r] @ (s[b] - b_dec) @ ev[i, r] for r in range(2)) + b_enc[i])
+                         for i in range(D_SAE)] for b in range(3)], dtype=torch.float64)  # fmt: skip
+    seen = {}
+    sae.hook_sae_acts_pre.add_hook(lambda t, hook: seen.setdefault("pre", t.clone()))
+    codes = sae.encode(s.float())
+    torch.testing.assert_close(seen["pre"].double(), pre, rtol=1e-5, atol=1e-5)
+    top = pre.topk(4, dim=-1)
+    hand_codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp(min=0))
+    torch.testing.assert_close(codes.double(), hand_codes, rtol=1e-5, atol=1e-5)
+    a = torch.rand(3, D_SAE, dtype=torch.float64)  # any code, dense ones too
+    want = a @ sae.W_dec.double() + b_dec.reshape(-1)
+    torch.testing.assert_close(sae.decode(a.float(), layout="flat").double(), want, rtol=1e-5, atol=1e-5)
+    # a dense-decoder atom is its W_dec row: no factors to hand out, the matrix instead
+    torch.testing.assert_close(sae.atom_matrices([5])[0], sae.W_dec[5].reshape(D_K, D_V), rtol=0, atol=0)
+    assert sae.encoder_factors[0] is sae.W_enc_key
+    with pytest.raises(AttributeError, match="'bilinear_flat' has dense atoms"):
+        _ = sae.atom_value
+    torch.testing.assert_close(sae.get_W_dec_norm(), sae.W_dec.norm(dim=-1))
 
 
 def test_decode_layout_follows_last_encode() -> None:
@@ -282,7 +316,8 @@ def test_whitening_would_break_rank_structure_and_refuses() -> None:
 
 
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize(("variant", "rank", "sparsity"), [("bilinear", 1, "topk"), ("bilinear", 2, "batchtopk"), ("matrix", 1, "topk"), ("flat", 1, "topk")])
+@pytest.mark.parametrize(("variant", "rank", "sparsity"), [("bilinear", 1, "topk"), ("bilinear", 2, "batchtopk"), ("matrix", 1, "topk"), ("flat", 1, "topk"),
+                                                          ("bilinear_flat", 2, "topk")])  # fmt: skip
 @torch.no_grad()
 def test_fold_w_dec_norm_keeps_saelens_contract_where_exact(variant, rank, sparsity, training) -> None:
     """Atoms of equal norm fold exactly: unit atoms, codes times the old norm, same reconstruction."""
@@ -294,7 +329,7 @@ def test_fold_w_dec_norm_keeps_saelens_contract_where_exact(variant, rank, spars
         sae = trainable.eval()
     if sparsity == "batchtopk":
         sae.topk_threshold.fill_(0.05)
-    decoder = sae.W_dec if variant == "flat" else sae.W_dec_value  # atoms are linear in it
+    decoder = sae.W_dec if variant in DENSE_DECODERS else sae.W_dec_value  # atoms are linear in it
     decoder.div_(sae.get_W_dec_norm().reshape(-1, *[1] * (decoder.dim() - 1)))
     sae.fold_W_dec_norm()  # unit-norm atoms (as trained): nothing to fold
     scale = 2.5

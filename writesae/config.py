@@ -10,7 +10,10 @@ the choice written next to it (docs/design.md §5):
 
 - ``variant``: which encoder/decoder pair. ``"bilinear"`` (matched-filter encoder, rank-r decoder) is the
   WriteSAE of the paper's README/model card and of all headline numbers; the paper's App. J "dense-encoder
-  WriteSAE" is ``"matrix"``; ``"flat"`` is the FlatSAE baseline; ``"bilinear_tied"`` shares factors.
+  WriteSAE" is ``"matrix"``; ``"flat"`` is the FlatSAE baseline; ``"bilinear_tied"`` shares factors;
+  ``"bilinear_flat"`` (the reference code's ``BilinearEncoderFlatSAE``, a Table 7 ablation) pairs the
+  matched-filter encoder with a dense decoder. ``rank`` is the rank of the factor side(s): both sides of
+  the bilinear variants, the decoder of ``"matrix"``, the encoder of ``"bilinear_flat"``.
 - ``sparsity``: ``"topk"`` or ``"batchtopk"`` (the headline L9 H4 SAE used BatchTopK).
 - ``batchtopk_inference``: how a BatchTopK SAE picks codes outside training. The paper never says; its
   App. J pseudo-code keeps "k = 32 nonzeros" per position, so per-sample TopK (``"topk"``) is the default.
@@ -35,25 +38,32 @@ from typing_extensions import override
 
 ARCHITECTURE = "write_sae"
 
-Variant = Literal["bilinear", "flat", "matrix", "bilinear_tied"]
+Variant = Literal["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"]
 Sparsity = Literal["topk", "batchtopk"]
 BatchTopKInference = Literal["topk", "batch", "threshold"]
 InputMean = Literal["none", "fixed"]
 
-VARIANTS: tuple[str, ...] = ("bilinear", "flat", "matrix", "bilinear_tied")
+VARIANTS: tuple[str, ...] = ("bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat")
 SPARSITIES: tuple[str, ...] = ("topk", "batchtopk")
 BATCHTOPK_INFERENCE: tuple[str, ...] = ("topk", "batch", "threshold")
 INPUT_MEANS: tuple[str, ...] = ("none", "fixed")
 
 
 def has_factor_decoder(variant: str) -> bool:
-    """Whether the variant's atoms are stored as rank-r key/value factors (all but ``"flat"``)."""
-    return variant != "flat"
+    """Whether the variant's atoms are stored as rank-r key/value factors (all but the dense decoders,
+    ``"flat"`` and ``"bilinear_flat"``, whose atoms are rows of ``W_dec [d_sae, d_in]``)."""
+    return variant not in ("flat", "bilinear_flat")
 
 
 def has_dense_encoder(variant: str) -> bool:
     """Whether the variant encodes with a dense ``W_enc [d_in, d_sae]`` (``"flat"``, ``"matrix"``)."""
     return variant in ("flat", "matrix")
+
+
+def has_encoder_factors(variant: str) -> bool:
+    """Whether the variant has matched-filter encoder factors of its own, ``W_enc_key``/``W_enc_value``
+    (``"bilinear"``, ``"bilinear_flat"``; the tied variant encodes with its decoder factors)."""
+    return variant in ("bilinear", "bilinear_flat")
 
 
 _Config = TypeVar("_Config", bound="_WriteFields")
@@ -67,7 +77,8 @@ class _WriteFields:
         d_k: Key dimension of the state (rows).
         d_v: Value dimension of the state (columns).
         k: Number of active atoms per sample (TopK), or on average per sample (BatchTopK).
-        rank: Rank r of each atom ``sum_r v_ir w_ir^T``; 1 is the paper's WriteSAE.
+        rank: Rank r of each atom ``sum_r v_ir w_ir^T``; 1 is the paper's WriteSAE. For
+            ``"bilinear_flat"`` the rank of the encoder's matched filters (its decoder is dense).
         variant: Encoder/decoder pair, see the module docstring.
         sparsity: ``"topk"`` or ``"batchtopk"``.
         batchtopk_inference: Code selection of a BatchTopK SAE outside training.
@@ -131,8 +142,9 @@ def _validate(cfg: Any) -> None:
         raise ValueError(f"rank must be >= 1 (got {cfg.rank}).")
     if cfg.variant == "flat" and cfg.rank != 1:
         raise ValueError(
-            "variant='flat' has dense atoms, so rank does not apply; leave rank=1 "
-            f"(got rank={cfg.rank}) or pick variant='bilinear'/'matrix' for rank-r atoms."
+            "variant='flat' has a dense encoder and dense atoms, so rank does not apply; leave rank=1 "
+            f"(got rank={cfg.rank}) or pick variant='bilinear'/'matrix' for rank-r atoms "
+            "('bilinear_flat' for a rank-r encoder with dense atoms)."
         )
     if cfg.rank > min(cfg.d_k, cfg.d_v):
         raise ValueError(

@@ -11,6 +11,8 @@ bilinear       ``V_enc (n,r,d_k)``, ``W_enc (n,r,d_v)``, ``b_enc (n)``,         
 bilinear_tied  ``V_dec``, ``W_dec``, ``b_enc``, ``bias``                         ``W_dec_key``, ``W_dec_value``, ...
 rank1          ``encoder.weight (n,d_in)``, ``encoder.bias``, ``V``, ``W``, ``bias``  variant ``matrix``
 flat           ``encoder.*``, ``decoder.weight (d_in,n)``, ``decoder.bias (d_in)``  variant ``flat``
+bilinear_flat  ``V_enc``, ``W_enc``, ``b_enc``, ``decoder.weight``, ``decoder.bias``  ``W_enc_key``, ``W_enc_value``,
+                                                                                ``b_enc``, ``W_dec``, ``b_dec``
 ============== ================================================================ =======================
 
 ``V_*`` are key-side (``d_k``) and ``W_*`` value-side (``d_v``) factors, matching ours. Older checkpoints
@@ -34,7 +36,8 @@ from writesae.config import WriteSAEConfig
 from writesae.io import CheckpointError
 from writesae.sae import WriteSAE
 
-_VARIANT = {"bilinear": "bilinear", "bilinear_tied": "bilinear_tied", "rank1": "matrix", "flat": "flat"}
+_VARIANT = {"bilinear": "bilinear", "bilinear_tied": "bilinear_tied", "rank1": "matrix", "flat": "flat",
+            "bilinear_flat": "bilinear_flat"}  # fmt: skip
 _FACTOR_KEYS = {"V_enc", "W_enc", "V_dec", "W_dec", "V", "W"}
 
 
@@ -60,7 +63,7 @@ def _read(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
 
 def _infer_type(state: dict[str, torch.Tensor]) -> str:
     if "V_enc" in state:
-        return "bilinear"
+        return "bilinear_flat" if "decoder.weight" in state else "bilinear"
     if "V_dec" in state:
         return "bilinear_tied"
     if "V" in state:
@@ -114,15 +117,17 @@ def load_paper_checkpoint(
 
     b_dec = ours["b_dec"]
     d_k, d_v = config.get("d_k"), config.get("d_v")
-    if "W_dec_key" in ours:
-        d_k, d_v = ours["W_dec_key"].shape[-1], ours["W_dec_value"].shape[-1]
+    # Any factor pair gives d_k, d_v and the rank (bilinear_flat has encoder factors only).
+    key_f, value_f = ours.get("W_dec_key", ours.get("W_enc_key")), ours.get("W_dec_value", ours.get("W_enc_value"))
+    if key_f is not None and value_f is not None:
+        d_k, d_v = key_f.shape[-1], value_f.shape[-1]
     if d_k is None or d_v is None:
         if b_dec.ndim != 2:
             raise CheckpointError(f"{source}: config lacks d_k/d_v and the bias is not a matrix.")
         d_k, d_v = b_dec.shape
     ours["b_dec"] = b_dec.reshape(d_k, d_v)
     d_sae = ours["b_enc"].shape[0]
-    rank = ours["W_dec_key"].shape[1] if "W_dec_key" in ours else 1
+    rank = key_f.shape[1] if key_f is not None else 1
     if k is None:
         if "k" not in config:
             raise CheckpointError(f"{source}: config has no 'k'; pass k= explicitly.")
@@ -167,6 +172,14 @@ def _rename(sae_type: str, state: dict[str, torch.Tensor], source: str) -> dict[
     if sae_type == "bilinear_tied":
         mapping = {"b_enc": "b_enc", "W_dec_key": "V_dec", "W_dec_value": "W_dec", "b_dec": "bias"}
         return {ours: take(theirs) for ours, theirs in mapping.items()}
+    if sae_type == "bilinear_flat":
+        return {
+            "W_enc_key": take("V_enc"),
+            "W_enc_value": take("W_enc"),
+            "b_enc": take("b_enc"),
+            "W_dec": take("decoder.weight").T.contiguous(),
+            "b_dec": take("decoder.bias"),
+        }
     if sae_type == "rank1":
         return {
             "W_enc": take("encoder.weight").T.contiguous(),

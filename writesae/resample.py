@@ -6,7 +6,8 @@ decoder offset, as the reference code; ``"residual"``: what the SAE currently fa
 set the decoder factors to its top-r singular vectors (unit norm); set the encoder to the same
 directions scaled to ``encoder_scale`` times the mean norm of the alive atoms' encoders; zero the
 atom's encoder bias and its Adam moments. Dense encoders/decoders get the flattened matrix, normalised
-(reference code). Factor-form batches are built as matrices only for the drawn samples.
+(reference code); a matched-filter encoder over a dense decoder (``bilinear_flat``) still gets the
+top-r singular vectors. Factor-form batches are built as matrices only for the drawn samples.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from writesae import factors as F
-from writesae.config import has_dense_encoder, has_factor_decoder
+from writesae.config import has_dense_encoder, has_encoder_factors, has_factor_decoder
 from writesae.data import Batch
 from writesae.training_sae import WriteTrainingSAE
 
@@ -89,14 +90,15 @@ def resample_dead_atoms(
         rows = rows - sae._output_offset()
     alive = ~dead
 
-    if has_factor_decoder(cfg.variant):
+    if has_factor_decoder(cfg.variant) or has_encoder_factors(cfg.variant):
         key, value = _top_singular(rows, cfg.rank)
+    if has_factor_decoder(cfg.variant):
         sae.W_dec_key[atoms] = key
         sae.W_dec_value[atoms] = value
     else:
         sae.W_dec[atoms] = F.unit_rows(rows.reshape(atoms.numel(), -1))
 
-    if cfg.variant == "bilinear":
+    if has_encoder_factors(cfg.variant):
         norms = F.atom_frobenius_norms(sae.W_enc_key, sae.W_enc_value)
         scale = encoder_scale * (norms[alive].mean() if alive.any() else norms.new_tensor(1.0))
         sae.W_enc_key[atoms] = key * scale.sqrt()

@@ -9,12 +9,14 @@ variant            encoder                                         decoder
 ``bilinear_tied``  the decoder factors                            ``W_dec_key``, ``W_dec_value``
 ``matrix``         ``W_enc [d_in, n]``                            ``W_dec_key``, ``W_dec_value``
 ``flat``           ``W_enc [d_in, n]``                            ``W_dec [n, d_in]``
+``bilinear_flat``  ``W_enc_key [n,r,d_k]``, ``W_enc_value [n,r,d_v]``  ``W_dec [n, d_in]``
 =================  =============================================  ==========================================
 
 plus ``b_enc [n]`` and ``b_dec [d_k, d_v]`` always, ``input_mean [d_k, d_v]`` when ``input_mean="fixed"``
 and ``topk_threshold []`` when ``sparsity="batchtopk"``. Factor-form atoms are ``A_i = sum_r v_ir w_ir^T``
 with ``v`` on the key side and ``w`` on the value side (the reference code's ``V_*``/``W_*``), each factor
-unit-norm after training so that a code value is the atom's Frobenius magnitude.
+unit-norm after training so that a code value is the atom's Frobenius magnitude. Dense decoders
+(``flat``, ``bilinear_flat``) keep unit-norm rows ``W_dec[i] = vec(A_i)`` instead, and have no factors.
 
 The forward computation, with ``c_in = input_mean + b_dec * apply_b_dec_to_input`` and
 ``c_out = b_dec + input_mean``::
@@ -51,7 +53,7 @@ from writesae.activations import (
     threshold_code,
     topk_code,
 )
-from writesae.config import WriteSAEConfig, has_dense_encoder, has_factor_decoder
+from writesae.config import WriteSAEConfig, has_dense_encoder, has_encoder_factors, has_factor_decoder
 
 if TYPE_CHECKING:
     from writesae.config import WriteTrainingSAEConfig
@@ -131,7 +133,7 @@ class WriteSAEMixin:
         """Random unit-norm factors (the reference code's init), zero biases.
 
         Factors are standard normal, then each ``(atom, rank)`` row is scaled to unit norm; dense
-        encoders follow ``nn.Linear``'s default; the flat decoder has unit-norm rows.
+        encoders follow ``nn.Linear``'s default; dense decoders (flat, bilinear_flat) have unit-norm rows.
         """
         cfg, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
         n, r, d_k, d_v, d_in = cfg.d_sae, cfg.rank, cfg.d_k, cfg.d_v, cfg.d_in
@@ -142,7 +144,7 @@ class WriteSAEMixin:
         if has_dense_encoder(cfg.variant):
             bound = d_in**-0.5
             self.W_enc = nn.Parameter(torch.empty(d_in, n, **kw).uniform_(-bound, bound))
-        elif cfg.variant == "bilinear":
+        elif has_encoder_factors(cfg.variant):
             self.W_enc_key = factor(d_k)
             self.W_enc_value = factor(d_v)
         if has_factor_decoder(cfg.variant):
@@ -218,7 +220,7 @@ class WriteSAEMixin:
     @property
     def encoder_factors(self) -> tuple[Float[Tensor, "d_sae rank d_k"], Float[Tensor, "d_sae rank d_v"]]:
         """Key and value factors of the matched-filter encoder (bilinear variants only)."""
-        if self.cfg.variant == "bilinear":
+        if has_encoder_factors(self.cfg.variant):
             return self.W_enc_key, self.W_enc_value  # type: ignore[attr-defined]
         if self.cfg.variant == "bilinear_tied":
             return self.W_dec_key, self.W_dec_value  # type: ignore[attr-defined]
@@ -236,7 +238,7 @@ class WriteSAEMixin:
                 "encoder factors; use dense_W_enc()."
             )
         return (
-            "variant 'flat' has dense atoms (W_dec [d_sae, d_in]) and no factors; use "
+            f"variant {self.cfg.variant!r} has dense atoms (W_dec [d_sae, d_in]) and no factors; use "
             "atom_matrices() for [d_sae, d_k, d_v] atoms."
         )
 
@@ -266,7 +268,7 @@ class WriteSAEMixin:
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Scale every decoder factor row (flat: every ``W_dec`` row) to unit norm, in place.
+        """Scale every decoder factor row (dense decoders: every ``W_dec`` row) to unit norm, in place.
 
         This is the paper's periodic re-normalisation; for rank 1 it makes ``||v_i w_i^T||_F = 1``.
         The code is not compensated (as in the reference code), so the function changes slightly.

@@ -15,9 +15,10 @@ with ``<T, A_j> = sum_r (v_jr . k)(w_jr . u)`` and ``G`` the Gram matrix of the 
 The AuxK term (dead atoms regress the detached residual ``R = T - S_hat``) expands the same way, using
 the cross-Gram between active and AuxK atoms. Gram algebra costs ``(K r)^2 (d_k + d_v)`` per sample and
 a dense sum ``K r d_k d_v``; ``factor_loss="auto"`` picks the cheaper per term (at ``d_k = d_v = 128``,
-``k = 32``: Gram for the reconstruction, dense for AuxK with ``k_aux = 256``). The flat variant has dense
-atoms, so its reconstruction is always built; dense encoders (flat, matrix) build the writes chunk-wise
-to score them (see ``factors.dense_scores_rank1``), so factor form saves them little.
+``k = 32``: Gram for the reconstruction, dense for AuxK with ``k_aux = 256``). Dense decoders (flat,
+bilinear_flat) have dense atoms, so their reconstruction is always built (bilinear_flat still scores the
+writes from their factors); dense encoders (flat, matrix) build the writes chunk-wise to score them (see
+``factors.dense_scores_rank1``), so factor form saves them little.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from writesae.cli import common, options
 from writesae.cli.substitution import add_substitution_options
 
 NAME = "families"
-HELP = ("SAE families (flat, matrix, bilinear, tied; topk, batchtopk) trained on one cell at a matched budget: "
-        "validation MSE and substitution win rate per family (paper Tables 5, 7, Fig. 8)")  # fmt: skip
+HELP = ("SAE families (flat, matrix, bilinear, tied, bilinear-flat; topk, batchtopk) trained on one cell at a "
+        "matched budget: validation MSE and substitution win rate per family (paper Tables 5, 7, Fig. 8)")  # fmt: skip
 RESUME_NOTE = "finished SAEs are kept and a stopped training continues from its checkpoint; the store continues too"
 
 
@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training-split sequences collected when no --store is given")  # fmt: skip
     # dest differs from the name: SubstitutionConfig.variants (its scale/atom variants) reads args.variants
     p.add_argument("--variants", dest="sae_variants", nargs="+",
-                   choices=["bilinear", "flat", "matrix", "bilinear_tied"], help="families (default: all four)")
+                   choices=["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"],
+                   help="families (default: all five)")  # fmt: skip
     p.add_argument("--sparsities", nargs="+", choices=["topk", "batchtopk"], help="sparsity kinds (default: topk)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 42)")
     p.add_argument("--d-sae", dest="d_sae", type=options.positive_int, help="atoms (default: 2048)")
@@ -33,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=["n_features", "parameters"],
                    help="same d_sae for every family (default, Table 7) or the same parameter count")  # fmt: skip
     p.add_argument("--flat-svd-of", dest="flat_svd_of", choices=["reconstruction", "atom", "none"],
-                   help="how flat atoms are substituted (default: reconstruction, Table 6)")  # fmt: skip
+                   help="how dense atoms (flat, bilinear_flat) are substituted "
+                        "(default: reconstruction, Table 6)")  # fmt: skip
     p.add_argument("--lr", type=options.positive_float, help="peak learning rate (default: 3e-4)")
     p.add_argument("--batch-size", dest="batch_size", type=options.positive_int, help="batch size (default: 256)")
     p.add_argument("--input-scaling", dest="input_scaling", choices=["none", "unit_mean_square"],

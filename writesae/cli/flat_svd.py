@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_token_options(p, sequences=32, seq_len=128)
     p.add_argument("--sae", type=options.sae_dir, required=True, help="the cell's WriteSAE (writesae train: OUT/sae)")
     p.add_argument("--flat-sae", dest="flat_sae", type=options.sae_dir, required=True,
-                   help="a FlatSAE of the same cell (writesae train --variant flat: OUT/sae)")
+                   help="a FlatSAE of the same cell (writesae train --variant flat: OUT/sae; "
+                        "a --variant bilinear_flat SAE works too)")
     p.add_argument("--svd-of", dest="svd_of", choices=["reconstruction", "atom"],
                    help="top-1 SVD of the flat reconstruction at the firing (default, App. F.4) or of each flat atom")
     add_substitution_options(p, scale="matched_norm, the paper's Table 6", max_firings=3)

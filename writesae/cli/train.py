@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_threads_option(p)
     p.add_argument("--d-sae", type=options.positive_int, default=2048, help="dictionary size")
     p.add_argument("--k", type=options.positive_int, default=32, help="active atoms per sample")
-    p.add_argument("--variant", default="bilinear", choices=["bilinear", "flat", "matrix", "bilinear_tied"])
-    p.add_argument("--rank", type=options.positive_int, default=1, help="rank of each decoder atom")
+    p.add_argument("--variant", default="bilinear",
+                   choices=["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"])  # fmt: skip
+    p.add_argument("--rank", type=options.positive_int, default=1,
+                   help="rank of each atom's factors (bilinear_flat: of its encoder, the decoder is dense)")
     p.add_argument("--sparsity", default="topk", choices=["topk", "batchtopk"])
     p.add_argument("--epochs", type=options.positive_int, default=20)
     p.add_argument("--batch-size", type=options.positive_int, default=256)

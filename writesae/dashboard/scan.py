@@ -140,7 +140,8 @@ def scan_atoms(
 
     Args:
         model: The hooked model the SAE belongs to.
-        sae: A per-head WriteSAE with factor atoms (any variant but ``"flat"``).
+        sae: A per-head WriteSAE with factor atoms (any variant but the dense-decoder ``"flat"`` and
+            ``"bilinear_flat"``).
         tokens: The token source, one row per sequence (e.g. from `writesae.tokens.token_blocks`).
         config: What to keep.
         verbose: Progress bar.

@@ -414,8 +414,8 @@ _PAPER_PROTOCOLS = (
     FullProtocol(
         "families",
         "writesae.protocols.families",
-        "every SAE family (bilinear = WriteSAE, matrix, flat, tied) trained on the demo's store of the cell at one "
-        "budget: validation MSE and substitution win rate per family",
+        "every SAE family (bilinear = WriteSAE, matrix, flat, tied, bilinear-flat) trained on the demo's store of "
+        "the cell at one budget: validation MSE and substitution win rate per family",
         ProtocolCall(
             "writesae.protocols.families",
             "run_families",

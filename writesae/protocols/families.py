@@ -2,16 +2,16 @@
 5 and 7, Fig. 8; §2.2-2.7, §6.10).
 
 A family is an encoder/decoder pair (`writesae.config.VARIANTS`: ``bilinear`` = WriteSAE, ``matrix``
-= dense encoder + rank-1 decoder, ``flat`` = FlatSAE, ``bilinear_tied``) and a sparsity
-(`writesae.config.SPARSITIES`: ``topk``, ``batchtopk``). Every family is trained on the same store,
-cell and schedule for each seed, through the sweep's `train_cell` (so the cells resume, and land in
-a sweep-shaped folder); each trained SAE then runs the substitution test on held-out tokens (flat
-decoders through their top-1 SVD, `writesae.protocols.flat_svd`), and its register / bundle
-partition gives Fig. 8's cosines. One record per (family, seed); the summary averages the seeds.
+= dense encoder + rank-1 decoder, ``flat`` = FlatSAE, ``bilinear_tied``, ``bilinear_flat`` = matched-filter
+encoder + dense decoder) and a sparsity (`writesae.config.SPARSITIES`: ``topk``, ``batchtopk``). Every
+family is trained on the same store, cell and schedule for each seed, through the sweep's `train_cell`
+(so the cells resume, and land in a sweep-shaped folder); each trained SAE then runs the substitution
+test on held-out tokens (dense decoders, flat and bilinear_flat, through their top-1 SVD,
+`writesae.protocols.flat_svd`), and its register / bundle partition gives Fig. 8's cosines. One record
+per (family, seed); the summary averages the seeds.
 
 Not built: the paper's JumpReLU and Gated SAEs (Table 5's second row; its Gated SAEs failed to
-train) and its ``bilinear_flat`` family (bilinear encoder, dense decoder) are not WriteSAE variants
-here, so they are not in the grid.
+train) are not WriteSAE sparsities here, so they are not in the grid.
 
 The budget (``FamiliesConfig.budget``, docs/design.md §5): ``"n_features"`` (the paper's Table 7:
 the same ``d_sae``, ``k``, optimiser and epochs for every family) or ``"parameters"`` (each family
@@ -30,7 +30,7 @@ import numpy as np
 from jaxtyping import Int
 from torch import Tensor
 
-from writesae.config import SPARSITIES, VARIANTS
+from writesae.config import SPARSITIES, VARIANTS, has_factor_decoder
 from writesae.sweep.runner import SubstitutionTest as SweepSubstitution
 
 from .checks import check_config
@@ -71,8 +71,8 @@ class FamiliesConfig:
         trainer: Further `TrainerConfig` fields, the same for every family (e.g.
             ``{"input_scaling": "unit_mean_square", "lr": 2e-3}``, the demo's recipe for small models).
         substitution: The substitution test of every SAE (None: val MSE only).
-        flat_svd_of: How flat decoders are substituted: ``"reconstruction"`` / ``"atom"`` top-1 SVD
-            (see `writesae.protocols.flat_svd`), or ``"none"``: the dense atom as it is.
+        flat_svd_of: How dense decoders (flat, bilinear_flat) are substituted: ``"reconstruction"`` /
+            ``"atom"`` top-1 SVD (see `writesae.protocols.flat_svd`), or ``"none"``: the dense atom as it is.
     """
 
     variants: tuple[str, ...] = VARIANTS
@@ -113,10 +113,13 @@ def parameters_per_atom(variant: str, d_k: int, d_v: int, rank: int = 1) -> int:
     """Trainable parameters one atom adds (encoder, decoder, ``b_enc``); every SAE adds ``b_dec`` (``d_k d_v``).
 
     Flat: ``2 d_in + 1``; matrix (dense encoder, rank-r decoder): ``d_in + r (d_k + d_v) + 1``;
-    bilinear: ``2 r (d_k + d_v) + 1``; tied bilinear: ``r (d_k + d_v) + 1`` (paper App. C).
+    bilinear: ``2 r (d_k + d_v) + 1``; tied bilinear: ``r (d_k + d_v) + 1`` (paper App. C); bilinear_flat
+    (rank-r matched filter, dense decoder): ``r (d_k + d_v) + d_in + 1``.
     """
     d_in, factors = d_k * d_v, rank * (d_k + d_v)
-    return {"flat": 2 * d_in, "matrix": d_in + factors, "bilinear": 2 * factors, "bilinear_tied": factors}[variant] + 1
+    per_atom = {"flat": 2 * d_in, "matrix": d_in + factors, "bilinear": 2 * factors, "bilinear_tied": factors,
+                "bilinear_flat": factors + d_in}  # fmt: skip
+    return per_atom[variant] + 1
 
 
 def matched_d_sae(variant: str, reference: str, d_sae: int, d_k: int, d_v: int, k: int) -> int:
@@ -181,7 +184,7 @@ class _CellSubstitution(SweepSubstitution):
         from .flat_svd import flat_svd_test
 
         config, options = self.config, {"config": self.config.substitution, "attention_mask": self.attention_mask}
-        if sae.cfg.variant == "flat" and config.flat_svd_of != "none":
+        if not has_factor_decoder(sae.cfg.variant) and config.flat_svd_of != "none":
             test = flat_svd_test(self.model, sae, self.tokens, config.flat_svd_of, **options)
         else:
             test = SubstitutionTest(self.model, sae, self.tokens, **options)

@@ -5,7 +5,8 @@ the cache as it is: its atoms are full-rank matrices. The paper's baseline takes
 a rank-1 write and substitutes that, beside the WriteSAE atoms, at the same cell and tokens; both
 win rates (atom beats deletion) sit side by side. The paper's answer: a tie on Gated DeltaNet
 (91.25% vs 91.36%: gate decay already makes the state rank-1 dominated), +6.55pp for WriteSAE on
-Mamba-2.
+Mamba-2. The other dense-decoder family, ``variant="bilinear_flat"`` (matched-filter encoder, dense
+atoms; paper Table 7), goes through the same projection: "flat SAE" below means either.
 
 What is projected (``FlatSVDConfig.svd_of``, docs/design.md §5):
 
@@ -73,30 +74,48 @@ class FlatSVDConfig:
         check_config(self)
 
 
+# What a dense-decoder family becomes once its atoms are rank-1: the same encoder, a factor decoder.
+_PROJECTED = {"flat": "matrix", "bilinear_flat": "bilinear"}
+
+
+def _check_dense_decoder(flat_sae: Any, what: str) -> str:
+    """The SAE's variant, if it has a dense decoder (``"flat"``, ``"bilinear_flat"``); else a clear error."""
+    variant = flat_sae.cfg.variant
+    if variant not in _PROJECTED:
+        raise ValueError(f"{what} a dense-decoder SAE, variant 'flat' or 'bilinear_flat' (got {variant!r}); train "
+                         "one with `writesae train --variant flat`")  # fmt: skip
+    return variant
+
+
 @torch.no_grad()
 def rank1_projection(flat_sae: Any) -> Any:
     """A FlatSAE with every atom replaced by its top singular pair ``sigma_1 u_1 v_1^T``.
 
-    The result is a ``variant="matrix"`` WriteSAE (dense encoder, rank-1 atoms) with the flat SAE's
-    encoder, biases and buffers, so it gives the same codes; atom ``i``'s key factor is
-    ``sigma_1 u_1`` and its value factor ``v_1`` (norm ``sigma_1``, the projection's Frobenius norm).
+    The result keeps the flat SAE's encoder, biases and buffers, so it gives the same codes: a
+    ``variant="matrix"`` WriteSAE (dense encoder, rank-1 atoms) for ``"flat"``, a ``"bilinear"`` one
+    (the same matched filters) for ``"bilinear_flat"``. Atom ``i``'s key factor is ``sigma_1 u_1`` and its
+    value factor ``v_1`` (norm ``sigma_1``, the projection's Frobenius norm). A rank-r bilinear_flat
+    encoder keeps its rank, so the projected decoder has r factor rows per atom: the top pair, then zeros
+    (the atom stays the rank-1 ``sigma_1 u_1 v_1^T``).
 
     Raises:
-        ValueError: the SAE is not a flat one.
+        ValueError: the SAE has no dense decoder.
     """
     from writesae.config import WriteSAEConfig
     from writesae.sae import WriteSAE
 
-    if flat_sae.cfg.variant != "flat":
-        raise ValueError(f"rank1_projection needs a variant='flat' SAE (got {flat_sae.cfg.variant!r}); train one with "
-                         "`writesae train --variant flat`")  # fmt: skip
-    cfg = WriteSAEConfig.from_dict({**flat_sae.cfg.to_dict(), "variant": "matrix", "rank": 1})
+    variant = _check_dense_decoder(flat_sae, "rank1_projection needs")
+    cfg = WriteSAEConfig.from_dict({**flat_sae.cfg.to_dict(), "variant": _PROJECTED[variant]})
     projected = WriteSAE(cfg)
     atoms = flat_sae.atom_matrices().double()  # [d_sae, d_k, d_v]
     u, s, vh = torch.linalg.svd(atoms, full_matrices=False)
+    dtype, rank = flat_sae.W_dec.dtype, cfg.rank
     state = {name: value for name, value in flat_sae.state_dict().items() if name != "W_dec"}
-    state["W_dec_key"] = (s[:, :1, None] * u[:, :, :1].transpose(1, 2)).to(flat_sae.W_dec.dtype)  # [d_sae, 1, d_k]
-    state["W_dec_value"] = vh[:, :1, :].to(flat_sae.W_dec.dtype)  # [d_sae, 1, d_v]
+    key = torch.zeros(cfg.d_sae, rank, cfg.d_k, dtype=dtype)
+    value = torch.zeros(cfg.d_sae, rank, cfg.d_v, dtype=dtype)
+    key[:, 0] = (s[:, :1] * u[:, :, 0]).to(dtype)
+    value[:, 0] = vh[:, 0, :].to(dtype)
+    state["W_dec_key"], state["W_dec_value"] = key.to(flat_sae.device), value.to(flat_sae.device)
     projected.load_state_dict(state)
     return projected.to(flat_sae.device)
 
@@ -125,7 +144,7 @@ def flat_svd_test(model: Any, flat_sae: Any, tokens: Tensor, svd_of: str, **opti
 
     Args:
         model: The hooked model.
-        flat_sae: A ``variant="flat"`` SAE.
+        flat_sae: A ``variant="flat"`` or ``"bilinear_flat"`` SAE.
         tokens: Held-out sequences.
         svd_of: ``"reconstruction"`` or ``"atom"``.
         **options: `SubstitutionTest`'s keyword arguments (``config``, ``attention_mask``...).
@@ -144,7 +163,7 @@ class FlatSVDTest(SubstitutionSet):
         model: The hooked model.
         sae: The WriteSAE of the cell (any variant with factor atoms).
         tokens: Held-out sequences.
-        flat_sae: A ``variant="flat"`` SAE of the same cell and input (state or write).
+        flat_sae: A ``variant="flat"`` (or ``"bilinear_flat"``) SAE of the same cell and input (state or write).
         config: The comparison's choices.
         attention_mask: Padding mask of ``tokens``.
     """
@@ -162,8 +181,7 @@ class FlatSVDTest(SubstitutionSet):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> None:
         self.config = config = config or FlatSVDConfig()
-        if flat_sae.cfg.variant != "flat":
-            raise ValueError(f"flat_sae must be a variant='flat' SAE (got {flat_sae.cfg.variant!r})")
+        _check_dense_decoder(flat_sae, "flat_sae must be")
         if sae.cfg.metadata.hook_name != flat_sae.cfg.metadata.hook_name or (
             sae.cfg.metadata.hook_head_index != flat_sae.cfg.metadata.hook_head_index
         ):
@@ -268,7 +286,7 @@ def run_flat_svd(
         model: The hooked model.
         sae: The cell's WriteSAE.
         tokens: Held-out sequences.
-        flat_sae: A ``variant="flat"`` SAE of the same cell (`writesae train --variant flat`).
+        flat_sae: A ``variant="flat"`` (or ``"bilinear_flat"``) SAE of the same cell (`writesae train --variant flat`).
         config: `FlatSVDConfig` (default: the paper's Table 6 setting).
         out_dir: The run directory; None keeps everything in memory.
         mode: ``"new"``, ``"resume"`` or ``"overwrite"``.

@@ -6,7 +6,7 @@ A grid is a YAML or JSON file (``.yaml``, ``.yml`` or ``.json``)::
     grid:                            # every combination of these values is one cell
       layer: [0, 1]
       head: [0, 3]
-      variant: [bilinear, flat]      # the SAE family: bilinear, flat, matrix, bilinear_tied
+      variant: [bilinear, flat]      # the SAE family: bilinear, flat, matrix, bilinear_tied, bilinear_flat
       d_sae: [256]
       k: [8, 16]
       seed: [0, 1]
