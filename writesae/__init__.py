@@ -12,14 +12,22 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
-from writesae.activations import SparseCode, batch_topk_code, sparse_rows, threshold_code, topk_code
+from writesae.activations import (
+    SparseCode,
+    batch_topk_code,
+    gated_code,
+    jumprelu_code,
+    sparse_rows,
+    threshold_code,
+    topk_code,
+)
 from writesae.config import ARCHITECTURE, WriteSAEConfig, WriteTrainingSAEConfig
 from writesae.convert import load_paper_checkpoint
 from writesae.data import FactorSource, TensorSource, WriteSource, as_source
 from writesae.io import CheckpointError
 from writesae.sae import WriteSAE
 from writesae.trainer import TrainerConfig, WriteSAETrainer
-from writesae.training_sae import WriteTrainingSAE
+from writesae.training_sae import SparsityLoss, WriteTrainingSAE
 
 
 def _register(registry: dict, register, classes: tuple) -> None:  # type: ignore[type-arg]
@@ -54,6 +62,7 @@ __all__ = [
     "CheckpointError",
     "FactorSource",
     "SparseCode",
+    "SparsityLoss",
     "TensorSource",
     "TrainerConfig",
     "WriteSAE",
@@ -64,6 +73,8 @@ __all__ = [
     "WriteTrainingSAEConfig",
     "as_source",
     "batch_topk_code",
+    "gated_code",
+    "jumprelu_code",
     "load_paper_checkpoint",
     "sparse_rows",
     "threshold_code",

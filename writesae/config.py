@@ -14,7 +14,15 @@ the choice written next to it (docs/design.md §5):
   ``"bilinear_flat"`` (the reference code's ``BilinearEncoderFlatSAE``, a Table 7 ablation) pairs the
   matched-filter encoder with a dense decoder. ``rank`` is the rank of the factor side(s): both sides of
   the bilinear variants, the decoder of ``"matrix"``, the encoder of ``"bilinear_flat"``.
-- ``sparsity``: ``"topk"`` or ``"batchtopk"`` (the headline L9 H4 SAE used BatchTopK).
+- ``sparsity``: ``"topk"`` or ``"batchtopk"`` (the headline L9 H4 SAE used BatchTopK); ``"jumprelu"`` (the
+  paper's family-invariance check, Table 5 / Fig. 8) and ``"gated"`` (its negative result: Gated SAEs
+  failed to train). Neither of the last two has a ``k``: the field is kept but ignored (and not checked);
+  their weights are ``log_threshold`` (JumpReLU) and ``r_mag``, ``b_mag`` (gated, whose gate bias is
+  ``b_enc``); their loss settings (penalty weight, JumpReLU's kernel bandwidth schedule, the gated SAE's
+  gate indicator during training) are `writesae.trainer.TrainerConfig` fields, and JumpReLU's initial
+  threshold is ``WriteTrainingSAEConfig.jumprelu_init_threshold``. Thresholds are in the units of the data
+  the SAE acts on: an SAE trained on scaled data (``TrainerConfig.input_scaling``) trains them in the
+  scaled units and folds them back with the biases (docs/design.md §5).
 - ``batchtopk_inference``: how a BatchTopK SAE picks codes outside training. The paper never says; its
   App. J pseudo-code keeps "k = 32 nonzeros" per position, so per-sample TopK (``"topk"``) is the default.
   ``"batch"`` reproduces the reference code (batch-level selection, so codes depend on the batch), and
@@ -30,6 +38,7 @@ the choice written next to it (docs/design.md §5):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -39,12 +48,14 @@ from typing_extensions import override
 ARCHITECTURE = "write_sae"
 
 Variant = Literal["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"]
-Sparsity = Literal["topk", "batchtopk"]
+Sparsity = Literal["topk", "batchtopk", "jumprelu", "gated"]
 BatchTopKInference = Literal["topk", "batch", "threshold"]
 InputMean = Literal["none", "fixed"]
 
 VARIANTS: tuple[str, ...] = ("bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat")
-SPARSITIES: tuple[str, ...] = ("topk", "batchtopk")
+SPARSITIES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "gated")
+# JumpReLU's initial threshold theta_0 (paper §2.4 / App. J main text; the reference code's default is 1e-3).
+JUMPRELU_INIT_THRESHOLD = 1e-4
 BATCHTOPK_INFERENCE: tuple[str, ...] = ("topk", "batch", "threshold")
 INPUT_MEANS: tuple[str, ...] = ("none", "fixed")
 
@@ -76,11 +87,12 @@ class _WriteFields:
     Attributes:
         d_k: Key dimension of the state (rows).
         d_v: Value dimension of the state (columns).
-        k: Number of active atoms per sample (TopK), or on average per sample (BatchTopK).
+        k: Number of active atoms per sample (TopK), or on average per sample (BatchTopK); ignored (and
+            not checked) by ``"jumprelu"`` and ``"gated"``, whose thresholds set the sparsity.
         rank: Rank r of each atom ``sum_r v_ir w_ir^T``; 1 is the paper's WriteSAE. For
             ``"bilinear_flat"`` the rank of the encoder's matched filters (its decoder is dense).
         variant: Encoder/decoder pair, see the module docstring.
-        sparsity: ``"topk"`` or ``"batchtopk"``.
+        sparsity: ``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"gated"`` (module docstring).
         batchtopk_inference: Code selection of a BatchTopK SAE outside training.
         input_mean: ``"fixed"`` adds an ``input_mean`` buffer subtracted before encoding and added after
             decoding; ``"none"`` has no such buffer.
@@ -125,12 +137,14 @@ def _validate(cfg: Any) -> None:
             f"d_in must equal d_k * d_v = {cfg.d_k * cfg.d_v} (got d_in={cfg.d_in}); "
             "set d_in=d_k*d_v or use WriteSAEConfig.build(d_k=..., d_v=..., d_sae=...)."
         )
-    if not 1 <= cfg.k <= cfg.d_sae:
+    if cfg.sparsity not in SPARSITIES:
+        raise ValueError(
+            f"sparsity must be one of {SPARSITIES} (got {cfg.sparsity!r}); 'jumprelu' and 'gated' ignore k."
+        )
+    if cfg.sparsity in ("topk", "batchtopk") and not 1 <= cfg.k <= cfg.d_sae:
         raise ValueError(f"k must be in [1, d_sae={cfg.d_sae}] (got k={cfg.k}).")
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS} (got {cfg.variant!r}).")
-    if cfg.sparsity not in SPARSITIES:
-        raise ValueError(f"sparsity must be one of {SPARSITIES} (got {cfg.sparsity!r}).")
     if cfg.batchtopk_inference not in BATCHTOPK_INFERENCE:
         raise ValueError(
             f"batchtopk_inference must be one of {BATCHTOPK_INFERENCE} "
@@ -199,12 +213,16 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
         aux_loss_coefficient: Weight of the AuxK loss. The paper's main text (App. D, Table 10) uses
             1e-2, our default; the reference code adds it with weight 1.0.
         decoder_init_norm: Unused (SAELens field); WriteSAE atoms start at unit Frobenius norm.
+        jumprelu_init_threshold: ``sparsity="jumprelu"`` only: every atom's initial threshold ``theta_0``
+            (paper main text: 1e-4; the reference code: 1e-3), in the units of the data training sees
+            (raw, or scaled by ``TrainerConfig.input_scaling``). Resampled atoms restart from it.
     """
 
     apply_b_dec_to_input: bool = True
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
     k_aux: int = 256
     aux_loss_coefficient: float = 1e-2
+    jumprelu_init_threshold: float = JUMPRELU_INIT_THRESHOLD
 
     @override
     @classmethod
@@ -217,4 +235,9 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
         _validate(self)
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0 (got {self.k_aux}); 0 turns the AuxK loss off.")
+        if not (math.isfinite(self.jumprelu_init_threshold) and self.jumprelu_init_threshold > 0):
+            raise ValueError(
+                f"jumprelu_init_threshold must be a positive number (got {self.jumprelu_init_threshold}); the "
+                "threshold is stored as its logarithm. The paper's is 1e-4."
+            )
         super().__post_init__()

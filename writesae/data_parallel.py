@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from writesae.data import Batch, WriteSource, batch_rows, slice_batch
 from writesae.distributed import World, all_gather_objects, all_reduce, rank_range
-from writesae.training_sae import LossOutput, WriteTrainingSAE
+from writesae.training_sae import LossOutput, SparsityLoss, WriteTrainingSAE
 
 __all__ = ["DataParallel"]
 
@@ -47,8 +47,10 @@ class _Loss(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, batch: Batch, dead_mask: Tensor | None, aux_slots: int | None) -> LossOutput:
-        return self.sae.compute_loss(batch, dead_mask, aux_slots)
+    def forward(
+        self, batch: Batch, dead_mask: Tensor | None, aux_slots: int | None, sparsity_loss: SparsityLoss | None
+    ) -> LossOutput:
+        return self.sae.compute_loss(batch, dead_mask, aux_slots, sparsity_loss)
 
 
 class DataParallel:
@@ -88,10 +90,16 @@ class DataParallel:
             for batch in source.batches(epoch, batch_size, start):
                 yield slice_batch(batch, *rank_range(batch_rows(batch), world.rank, world.world_size))
 
-    def loss(self, batch: Batch, dead_mask: Tensor | None, aux_slots: int | None = None) -> LossOutput:
+    def loss(
+        self,
+        batch: Batch,
+        dead_mask: Tensor | None,
+        aux_slots: int | None = None,
+        sparsity_loss: SparsityLoss | None = None,
+    ) -> LossOutput:
         """The loss of this rank's rows (through DistributedDataParallel, whose backward averages
         gradients); arguments as `WriteTrainingSAE.compute_loss`'s."""
-        return self._loss(batch, dead_mask, aux_slots)
+        return self._loss(batch, dead_mask, aux_slots, sparsity_loss)
 
     def loss_weight(self, n_rank: int, n_batch: int) -> float:
         """The factor on this rank's mean loss that makes the averaged gradient the global batch's mean."""

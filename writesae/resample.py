@@ -5,13 +5,16 @@ reconstruction error; take that sample's matrix (``resample_from="input"``: the 
 decoder offset, as the reference code; ``"residual"``: what the SAE currently fails to reconstruct);
 set the decoder factors to its top-r singular vectors (unit norm); set the encoder to the same
 directions scaled to ``encoder_scale`` times the mean norm of the alive atoms' encoders; zero the
-atom's encoder bias and its Adam moments. Dense encoders/decoders get the flattened matrix, normalised
-(reference code); a matched-filter encoder over a dense decoder (``bilinear_flat``) still gets the
-top-r singular vectors. Factor-form batches are built as matrices only for the drawn samples.
+atom's encoder bias and its Adam moments. A JumpReLU atom's threshold restarts at
+``jumprelu_init_threshold``; a gated atom's magnitude path at ``r_mag = b_mag = 0`` (their initial
+values). Dense encoders/decoders get the flattened matrix, normalised (reference code); a matched-filter
+encoder over a dense decoder (``bilinear_flat``) still gets the top-r singular vectors. Factor-form
+batches are built as matrices only for the drawn samples.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,7 +31,7 @@ ResampleFrom = Literal["input", "residual"]
 # Axis of each per-atom parameter that indexes atoms.
 _ATOM_AXIS = {
     "W_enc_key": 0, "W_enc_value": 0, "W_dec_key": 0, "W_dec_value": 0, "W_dec": 0, "b_enc": 0,
-    "W_enc": 1,
+    "W_enc": 1, "log_threshold": 0, "r_mag": 0, "b_mag": 0,
 }  # fmt: skip
 _SVD_CHUNK = 256
 
@@ -108,6 +111,11 @@ def resample_dead_atoms(
         scale = encoder_scale * (norms[alive].mean() if alive.any() else norms.new_tensor(1.0))
         sae.W_enc[:, atoms] = (F.unit_rows(rows.reshape(atoms.numel(), -1)) * scale).T
     sae.b_enc[atoms] = 0.0
+    if cfg.sparsity == "jumprelu":
+        sae.log_threshold[atoms] = math.log(cfg.jumprelu_init_threshold)
+    elif cfg.sparsity == "gated":
+        sae.r_mag[atoms] = 0.0
+        sae.b_mag[atoms] = 0.0
 
     params = dict(sae.named_parameters())
     for name, axis in _ATOM_AXIS.items():

@@ -12,18 +12,22 @@ variant            encoder                                         decoder
 ``bilinear_flat``  ``W_enc_key [n,r,d_k]``, ``W_enc_value [n,r,d_v]``  ``W_dec [n, d_in]``
 =================  =============================================  ==========================================
 
-plus ``b_enc [n]`` and ``b_dec [d_k, d_v]`` always, ``input_mean [d_k, d_v]`` when ``input_mean="fixed"``
-and ``topk_threshold []`` when ``sparsity="batchtopk"``. Factor-form atoms are ``A_i = sum_r v_ir w_ir^T``
-with ``v`` on the key side and ``w`` on the value side (the reference code's ``V_*``/``W_*``), each factor
-unit-norm after training so that a code value is the atom's Frobenius magnitude. Dense decoders
-(``flat``, ``bilinear_flat``) keep unit-norm rows ``W_dec[i] = vec(A_i)`` instead, and have no factors.
+plus ``b_enc [n]`` and ``b_dec [d_k, d_v]`` always, ``input_mean [d_k, d_v]`` when ``input_mean="fixed"``,
+``topk_threshold []`` when ``sparsity="batchtopk"``, ``log_threshold [n]`` when ``sparsity="jumprelu"``, and
+``r_mag [n]``, ``b_mag [n]`` when ``sparsity="gated"`` (whose gate bias is ``b_enc``). Factor-form atoms
+are ``A_i = sum_r v_ir w_ir^T`` with ``v`` on the key side and ``w`` on the value side (the reference
+code's ``V_*``/``W_*``), each factor unit-norm after training so that a code value is the atom's
+Frobenius magnitude. Dense decoders (``flat``, ``bilinear_flat``) keep unit-norm rows ``W_dec[i] = vec(A_i)``
+instead, and have no factors.
 
 The forward computation, with ``c_in = input_mean + b_dec * apply_b_dec_to_input`` and
 ``c_out = b_dec + input_mean``::
 
     pre_i  = <E_i, S - c_in> + b_enc_i        E_i = encoder atom (bilinear: sum_r v^enc_ir w^enc_ir^T,
                                                     dense: column i of W_enc reshaped to [d_k, d_v])
-    a      = TopK(pre) / BatchTopK(pre) / JumpReLU(pre)
+    a      = TopK(pre) / BatchTopK(pre)
+           / pre_i 1[pre_i > exp(log_threshold_i)]                         (jumprelu)
+           / 1[pre_i > 0] ReLU(exp(r_mag_i) (pre_i - b_enc_i) + b_mag_i)   (gated; pre is pi_gate)
     S_hat  = sum_i a_i A_i + c_out
 
 Hooks fire as in SAELens, in the layout of the input: ``hook_sae_input`` (the input),
@@ -33,6 +37,7 @@ reconstruction), ``hook_sae_error`` and ``hook_sae_output`` (forward only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,11 +54,19 @@ from writesae import factors as F
 from writesae.activations import (
     SparseCode,
     batch_topk_code,
+    gated_code,
+    jumprelu_code,
     sparse_rows,
     threshold_code,
     topk_code,
 )
-from writesae.config import WriteSAEConfig, has_dense_encoder, has_encoder_factors, has_factor_decoder
+from writesae.config import (
+    JUMPRELU_INIT_THRESHOLD,
+    WriteSAEConfig,
+    has_dense_encoder,
+    has_encoder_factors,
+    has_factor_decoder,
+)
 
 if TYPE_CHECKING:
     from writesae.config import WriteTrainingSAEConfig
@@ -65,8 +78,29 @@ T_WRITE_SAE = TypeVar("T_WRITE_SAE", bound="WriteSAE")
 FactorPair = tuple[Float[Tensor, "*batch d_k"], Float[Tensor, "*batch d_v"]]
 # The same with the leading axes flattened into one (what the internals pass around).
 FlatPair = tuple[Float[Tensor, "b d_k"], Float[Tensor, "b d_v"]]
-# Weights in the input's units: an SAE trained on c * S acts on S once these are divided by c.
-INPUT_SCALED = ("b_enc", "b_dec", "input_mean", "topk_threshold")
+# Weights in the input's units: an SAE trained on c * S acts on S once these are divided by c ...
+INPUT_SCALED = ("b_enc", "b_dec", "input_mean", "topk_threshold", "b_mag")
+# ... and once log(c) is subtracted from these (thresholds stored as logarithms).
+LOG_INPUT_SCALED = ("log_threshold",)
+# JumpReLU's kernel bandwidth where none is given (the paper's starting bandwidth); it only shapes gradients.
+DEFAULT_BANDWIDTH = 1e-3
+
+
+@torch.no_grad()
+def to_raw_units(weights: dict[str, Tensor], scale: float) -> None:
+    """Make weights trained on ``scale * S`` act on ``S``, in place (see ``INPUT_SCALED``).
+
+    Args:
+        weights: Name -> tensor (a state dict, or its copy); names not scaled are left alone.
+        scale: The factor ``c`` the training data were multiplied by.
+    """
+    if not scale > 0:
+        raise ValueError(f"scaling_factor must be positive (got {scale}).")
+    for name, tensor in weights.items():
+        if name in INPUT_SCALED:
+            tensor.div_(scale)
+        elif name in LOG_INPUT_SCALED:
+            tensor.sub_(math.log(scale))
 
 
 class Encoded(NamedTuple):
@@ -158,6 +192,12 @@ class WriteSAEMixin:
             self.register_buffer("input_mean", torch.zeros(d_k, d_v, **kw))
         if cfg.sparsity == "batchtopk":
             self.register_buffer("topk_threshold", torch.zeros((), **kw))
+        elif cfg.sparsity == "jumprelu":
+            theta_0 = getattr(cfg, "jumprelu_init_threshold", JUMPRELU_INIT_THRESHOLD)
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(theta_0), **kw))
+        elif cfg.sparsity == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(n, **kw))
+            self.b_mag = nn.Parameter(torch.zeros(n, **kw))
 
     def __getattr__(self, name: str) -> Any:
         # W_enc / W_dec are real parameters for dense variants; for factor variants SAELens code that
@@ -289,13 +329,16 @@ class WriteSAEMixin:
         way, so TopK / BatchTopK pick the same atoms only if every atom has the same norm (unit norm,
         the trained case, folds to nothing). With unequal norms the fold would change the selection,
         and this raises ``NotImplementedError`` as SAELens' TopK SAEs do; ``normalize_decoder()``
-        renormalises anyway if that change is acceptable. The tied variant shares its atoms with the
-        encoder, so it can only fold unit norms.
+        renormalises anyway if that change is acceptable. JumpReLU and gated SAEs decide per atom
+        (JumpReLU's threshold is scaled with the atom, the gate's sign does not change), so they fold
+        any norms exactly. The tied variant shares its atoms with the encoder, so it can only fold
+        unit norms.
         """
         norms = self.get_W_dec_norm()
         if torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-6):
             return
-        if float(norms.max() - norms.min()) > 1e-6 * float(norms.max()):
+        per_atom = self.cfg.sparsity in ("jumprelu", "gated")
+        if not per_atom and float(norms.max() - norms.min()) > 1e-6 * float(norms.max()):
             raise NotImplementedError(
                 "fold_W_dec_norm would change which atoms TopK selects (the atoms' norms differ, from "
                 f"{float(norms.min()):.4g} to {float(norms.max()):.4g}); call normalize_decoder() if "
@@ -306,10 +349,10 @@ class WriteSAEMixin:
                 "a bilinear_tied WriteSAE encodes with its atoms, so their norms cannot move to the "
                 "encoder; call normalize_decoder() if changing the codes' scale is acceptable."
             )
-        self._fold_uniform_norm(norms)
+        self._fold_norms(norms)
 
-    def _fold_uniform_norm(self, norms: Float[Tensor, " d_sae"]) -> None:
-        """Decoder atoms divided by their norm, encoder atoms (and thresholds) multiplied by it."""
+    def _fold_norms(self, norms: Float[Tensor, " d_sae"]) -> None:
+        """Decoder atoms divided by their norm, encoder atoms (and biases, thresholds) multiplied by it."""
         if has_factor_decoder(self.cfg.variant):
             self.W_dec_key.div_(norms[:, None, None])  # type: ignore[attr-defined]
         else:
@@ -321,6 +364,10 @@ class WriteSAEMixin:
         self.b_enc.mul_(norms)  # type: ignore[attr-defined]
         if self.cfg.sparsity == "batchtopk":
             self.topk_threshold.mul_(norms[0])  # type: ignore[attr-defined]
+        elif self.cfg.sparsity == "jumprelu":
+            self.log_threshold.add_(norms.log())  # type: ignore[attr-defined]
+        elif self.cfg.sparsity == "gated":
+            self.b_mag.mul_(norms)  # type: ignore[attr-defined]
 
     @override
     @torch.no_grad()
@@ -330,15 +377,13 @@ class WriteSAEMixin:
         Every pre-activation is ``<E_i, S - c_in> + b_enc_i``, so dividing ``b_enc``, ``b_dec``,
         ``input_mean`` and the BatchTopK threshold by ``c`` divides all pre-activations by ``c``: TopK
         keeps the same atoms, codes come out in the raw input's units and the reconstruction is the
-        trained SAE's divided by ``c``. The atoms are untouched, so they keep unit norm and a code
-        stays the Frobenius magnitude of its atom in the model's own units (the paper's convention).
+        trained SAE's divided by ``c``. JumpReLU's thresholds are divided by ``c`` too (``log c`` is
+        subtracted from ``log_threshold``), and so is a gated SAE's magnitude bias ``b_mag`` (its gate
+        keeps its sign). The atoms are untouched, so they keep unit norm and a code stays the Frobenius
+        magnitude of its atom in the model's own units (the paper's convention).
         This differs from SAELens' dense SAEs, whose fold keeps codes in the scaled units.
         """
-        if not scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be positive (got {scaling_factor}).")
-        for name in INPUT_SCALED:
-            if hasattr(self, name):
-                getattr(self, name).div_(scaling_factor)
+        to_raw_units(self.state_dict(), scaling_factor)  # state-dict tensors share the weights' storage
 
     @override
     def fold_activation_whitening(
@@ -359,9 +404,19 @@ class WriteSAEMixin:
         """Code selection of a BatchTopK SAE right now: the configured inference rule."""
         return self.cfg.batchtopk_inference
 
-    def _code(self, pre: Float[Tensor, "*batch d_sae"]) -> SparseCode:
-        """Apply the configured sparsity rule."""
+    def _code(self, pre: Float[Tensor, "*batch d_sae"], bandwidth: float | None = None) -> SparseCode:
+        """Apply the configured sparsity rule.
+
+        Args:
+            pre: Pre-activations (a gated SAE's gate pre-activations).
+            bandwidth: JumpReLU's kernel bandwidth, for its threshold gradients (default
+                ``DEFAULT_BANDWIDTH``); the code itself does not depend on it.
+        """
         cfg = self.cfg
+        if cfg.sparsity == "jumprelu":
+            return jumprelu_code(pre, self.log_threshold, bandwidth or DEFAULT_BANDWIDTH)  # type: ignore[attr-defined]
+        if cfg.sparsity == "gated":
+            return gated_code(pre, self.b_enc, self.r_mag, self.b_mag)  # type: ignore[attr-defined]
         rule = "topk" if cfg.sparsity == "topk" else self._batchtopk_rule()
         if rule == "batch":
             return batch_topk_code(pre, cfg.k)
@@ -447,11 +502,16 @@ class WriteSAEMixin:
                     pre = pre - F.atom_offset_inner(key_f, value_f, offset)
         return pre + self.b_enc  # type: ignore[attr-defined]
 
-    def encode_full(self, x: Float[Tensor, "..."] | FactorPair) -> Encoded:
-        """Encode with hooks, returning pre-activations and the sparse code too (see ``Encoded``)."""
+    def encode_full(self, x: Float[Tensor, "..."] | FactorPair, bandwidth: float | None = None) -> Encoded:
+        """Encode with hooks, returning pre-activations and the sparse code too (see ``Encoded``).
+
+        Args:
+            x: As for ``encode``.
+            bandwidth: JumpReLU's kernel bandwidth for the backward pass (see ``_code``).
+        """
         states, pair, lead, layout = self._split_input(x)
         pre = self.hook_sae_acts_pre(self._scores(states, pair).reshape(*lead, -1))
-        code = self._code(pre)
+        code = self._code(pre, bandwidth)
         dense = self.hook_sae_acts_post(code.dense)
         if _is_hooked(self.hook_sae_acts_post):
             code = sparse_rows(dense)  # the hook may have edited the code, even in place

@@ -11,9 +11,10 @@ dead-latent AuxK scheme.
 Recipe (defaults): Adam (0.9, 0.999), lr 3e-4 with a linear warm-up of 50 steps then cosine decay to
 3e-5 at the last step; batch 256; 20 epochs or a sample budget; AuxK on atoms silent for 100 steps
 (``k_aux`` and its weight live on the SAE config); every 250 steps resample atoms silent for 100 steps;
-every 100 steps re-normalise decoder factors. Validation (MSE, normalised MSE, explained variance, L0,
-fraction of atoms never active on the validation set) after every epoch, or every ``val_every`` steps;
-the best SAE by validation MSE is kept.
+every 100 steps re-normalise decoder factors. JumpReLU and gated SAEs add their sparsity penalty
+(`writesae.training_sae.SparsityLoss`, settings here: ``jumprelu_*``, ``gated_*``, ``gate*``).
+Validation (MSE, normalised MSE, explained variance, L0, fraction of atoms never active on the
+validation set) after every epoch, or every ``val_every`` steps; the best SAE by validation MSE is kept.
 
 Files in ``out_dir``: ``train_log.jsonl`` (one JSON object per logged step or validation),
 ``checkpoint/`` (resumable: the SAE's ``cfg.json`` + ``sae_weights.safetensors``, plus
@@ -75,8 +76,8 @@ from writesae.io import (
 )
 from writesae.outputs import OutputExistsError
 from writesae.resample import resample_dead_atoms
-from writesae.sae import INPUT_SCALED
-from writesae.training_sae import LossOutput, WriteTrainingSAE
+from writesae.sae import to_raw_units
+from writesae.training_sae import DEFAULT_SPARSITY_COEFFICIENT, GATES, Gate, LossOutput, SparsityLoss, WriteTrainingSAE
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
@@ -126,6 +127,20 @@ class TrainerConfig:
             and its codes are in raw units. Use it when the data are far from unit scale (Mamba-2
             writes are ~1e-2): Adam moves biases by about ``lr`` per step whatever the data's scale,
             so on tiny data the biases, not the data, pick the TopK atoms and most atoms die.
+        jumprelu_coefficient: ``sparsity="jumprelu"``: lambda on the L0 (paper main text: 1e-5; the
+            reference code: 1e-3). Like the loss's MSE (a per-entry mean), in the units training sees.
+        jumprelu_bandwidth: The rectangle kernel's bandwidth ``h`` at the first step (paper: 1e-3), in
+            the units training sees (raw data, or the data scaled by ``input_scaling``).
+        jumprelu_bandwidth_final: ``h`` at the last step, reached by cosine annealing (paper: 1e-5;
+            equal to ``jumprelu_bandwidth`` for a constant bandwidth, the reference code's default).
+        gated_coefficient: ``sparsity="gated"``: lambda on ``sum_i ReLU(pi_gate_i)`` (the paper gives
+            none; the reference code's class default 1e-3, its CLI's 1.0).
+        gated_aux_coefficient: Weight of the gated SAE's frozen-decoder reconstruction loss (1, as
+            Rajamanoharan et al. and the reference code).
+        gate: The gate a gated SAE trains with: ``"hard"`` (``1[pi_gate > 0]``, the standard Gated SAE)
+            or ``"soft_sigmoid"`` (``sigmoid(pi_gate / gate_temperature)``, the reference code's). Codes
+            outside training always use the hard gate.
+        gate_temperature: ``tau`` of the soft gate (reference code: 0.1), in the units training sees.
     """
 
     batch_size: int = 256
@@ -152,6 +167,13 @@ class TrainerConfig:
     estimate_input_mean: bool = True
     mean_samples: int | None = None
     input_scaling: Literal["none", "unit_mean_square"] = "none"
+    jumprelu_coefficient: float = DEFAULT_SPARSITY_COEFFICIENT["jumprelu"]
+    jumprelu_bandwidth: float = 1e-3
+    jumprelu_bandwidth_final: float = 1e-5
+    gated_coefficient: float = DEFAULT_SPARSITY_COEFFICIENT["gated"]
+    gated_aux_coefficient: float = 1.0
+    gate: Gate = "hard"
+    gate_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "max_samples", "dead_steps", "resample_every",
@@ -181,6 +203,22 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.grad_clip must be > 0, or None for no clipping (got {self.grad_clip}).")
         if not self.resample_encoder_scale >= 0:
             raise ValueError(f"TrainerConfig.resample_encoder_scale must be >= 0 (got {self.resample_encoder_scale}).")
+        for name in ("jumprelu_coefficient", "gated_coefficient", "gated_aux_coefficient"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainerConfig.{name} must be a number >= 0 (got {value}); 0 turns that term off.")
+        for name in ("jumprelu_bandwidth", "jumprelu_bandwidth_final", "gate_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"TrainerConfig.{name} must be a number > 0 (got {value}), in the units training sees; "
+                    "the paper's bandwidth goes from 1e-3 to 1e-5, its soft gate's temperature is 0.1."
+                )
+        if self.gate not in GATES:
+            raise ValueError(
+                f"TrainerConfig.gate must be one of {GATES} (got {self.gate!r}): 'hard' is the standard Gated SAE, "
+                "'soft_sigmoid' the reference code's sigmoid(pi_gate / gate_temperature)."
+            )
 
 
 def check_finite_batch(batch: Batch, where: str) -> None:
@@ -212,13 +250,36 @@ def _constant_data_error() -> TrainingError:
     )
 
 
+def cosine_anneal(start: float, end: float, progress: float) -> float:
+    """``start`` at ``progress = 0`` to ``end`` at ``progress = 1``, along half a cosine."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
 def learning_rate(step: int, total_steps: int, cfg: TrainerConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr_min`` at the last step."""
     if step < cfg.warmup_steps:  # warmup_steps == 0 skips warm-up
         return cfg.lr * (step + 1) / cfg.warmup_steps
     decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+    return cosine_anneal(cfg.lr, cfg.lr_min, progress)
+
+
+def jumprelu_bandwidth(step: int, total_steps: int, cfg: TrainerConfig) -> float:
+    """JumpReLU's kernel bandwidth: cosine from ``jumprelu_bandwidth`` at the first step to
+    ``jumprelu_bandwidth_final`` at the last (the paper anneals 1e-3 -> 1e-5; it does not say over
+    which steps, so over all of them)."""
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return cosine_anneal(cfg.jumprelu_bandwidth, cfg.jumprelu_bandwidth_final, progress)
+
+
+def sparsity_loss(sparsity: str, step: int, total_steps: int, cfg: TrainerConfig) -> SparsityLoss | None:
+    """The penalty settings of step ``step`` for an SAE of this sparsity (``None`` for TopK, BatchTopK)."""
+    if sparsity == "jumprelu":
+        return SparsityLoss(cfg.jumprelu_coefficient, bandwidth=jumprelu_bandwidth(step, total_steps, cfg))
+    if sparsity == "gated":
+        return SparsityLoss(cfg.gated_coefficient, gate=cfg.gate, temperature=cfg.gate_temperature,
+                            aux_coefficient=cfg.gated_aux_coefficient)  # fmt: skip
+    return None
 
 
 class _Totals:
@@ -413,7 +474,8 @@ class WriteSAETrainer:
             group["lr"] = lr
         # AuxK's size from a bound known on the host (no wait for the device); 0 skips AuxK.
         slots = self._dead_bound.slots(self.steps_since_active, self.step)
-        out = self.parallel.loss(batch, self.dead_mask if slots else None, slots)
+        penalty = sparsity_loss(sae.cfg.sparsity, self.step, self.total_steps, cfg)
+        out = self.parallel.loss(batch, self.dead_mask if slots else None, slots, penalty)
         self.optimizer.zero_grad(set_to_none=True)
         weight = self.parallel.loss_weight(n_rank, n_batch)
         (out.loss * weight if weight != 1.0 else out.loss).backward()
@@ -618,9 +680,7 @@ class WriteSAETrainer:
     def _raw_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the SAE's weights for raw (unscaled) data."""
         state = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
-        for name in INPUT_SCALED:
-            if name in state:
-                state[name] /= self.input_scale
+        to_raw_units(state, self.input_scale)
         return state
 
     def _prepare_inputs(self) -> None:

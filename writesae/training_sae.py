@@ -1,8 +1,16 @@
 """Trainable WriteSAE: reconstruction + AuxK losses on dense states or on rank-1 writes in factor form.
 
 Losses are in the paper's units: MSE is the mean over samples *and* the ``d_k * d_v`` entries, and the
-total is ``mse + aux_loss_coefficient * aux``. (SAELens' ``training_forward_pass``, kept for its
-``SAETrainer``, reports the same losses summed over entries, SAELens' convention.)
+total is ``mse + aux_loss_coefficient * aux + penalty``. The penalty (`SparsityLoss`) is zero for TopK and
+BatchTopK; for ``sparsity="jumprelu"`` it is ``lambda * mean_b sum_i H(z_i - theta_i)`` (the L0, with
+straight-through threshold gradients, `writesae.activations`); for ``"gated"`` it is
+``lambda * mean_b sum_i ReLU(pi_gate_i) + aux_coefficient * MSE(x, ReLU(pi_gate) through the frozen
+decoder)`` (Rajamanoharan et al.'s Gated SAE; atoms are kept near unit norm by re-normalisation, so the L1
+needs no decoder-norm weights). A gated SAE trained with ``gate="soft_sigmoid"`` reconstructs from
+``sigmoid(pi_gate / tau) ReLU(pi_mag)`` in training mode (the reference code's gate); its reported code,
+its dead-atom counts and every code outside training keep the hard gate ``1[pi_gate > 0]``. (SAELens'
+``training_forward_pass``, kept for its ``SAETrainer``, reports the same losses summed over entries,
+SAELens' convention.)
 
 Factor-form batches ``(key [B, d_k], value [B, d_v])`` stand for the writes ``T_b = k_b u_b^T``. With
 ``S_hat = sum_j a_j A_j + c`` (``c = b_dec (+ input_mean)``), the squared error is expanded so that no
@@ -18,7 +26,9 @@ a dense sum ``K r d_k d_v``; ``factor_loss="auto"`` picks the cheaper per term (
 ``k = 32``: Gram for the reconstruction, dense for AuxK with ``k_aux = 256``). Dense decoders (flat,
 bilinear_flat) have dense atoms, so their reconstruction is always built (bilinear_flat still scores the
 writes from their factors); dense encoders (flat, matrix) build the writes chunk-wise to score them (see
-``factors.dense_scores_rank1``), so factor form saves them little.
+``factors.dense_scores_rank1``), so factor form saves them little. JumpReLU and gated SAEs build the writes
+too: JumpReLU's threshold gradients need every atom's ``<G, A_i>`` (a dense decoder's backward), and the
+gated auxiliary loss decodes every open gate.
 """
 
 from __future__ import annotations
@@ -34,19 +44,50 @@ from torch import Tensor
 from typing_extensions import override
 
 from writesae import factors as F
-from writesae.activations import SparseCode
+from writesae.activations import SparseCode, gate_magnitudes, heaviside, sparse_rows
 from writesae.config import WriteTrainingSAEConfig, has_factor_decoder
-from writesae.sae import FactorPair, WriteSAEMixin, seeded
+from writesae.sae import DEFAULT_BANDWIDTH, FactorPair, WriteSAEMixin, seeded
 
 Batch = Tensor | tuple[Tensor, Tensor]
 FactorLoss = Literal["auto", "gram", "dense"]
+Gate = Literal["hard", "soft_sigmoid"]
+GATES: tuple[str, ...] = ("hard", "soft_sigmoid")
+# Penalty weights lambda when none is given: the paper's for JumpReLU (main text), the reference code's
+# class default for gated SAEs (the paper gives none; its CLI default is 1.0).
+DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 1e-5, "gated": 1e-3}
+
+
+class SparsityLoss(NamedTuple):
+    """The sparsity penalty's settings for one step (see the module docstring); the trainer fills them
+    from `writesae.trainer.TrainerConfig`.
+
+    Attributes:
+        coefficient: lambda (JumpReLU: on the L0; gated: on the L1 of ``ReLU(pi_gate)``).
+        bandwidth: JumpReLU's kernel bandwidth ``h`` at this step.
+        gate: Gated SAEs' gate in training: ``"hard"`` (``1[pi_gate > 0]``, no gradient to the gate
+            path but through the penalty and the auxiliary loss) or ``"soft_sigmoid"``.
+        temperature: ``tau`` of the soft gate ``sigmoid(pi_gate / tau)``.
+        aux_coefficient: Weight of the gated SAE's frozen-decoder reconstruction loss.
+    """
+
+    coefficient: float
+    bandwidth: float = DEFAULT_BANDWIDTH
+    gate: Gate = "hard"
+    temperature: float = 0.1
+    aux_coefficient: float = 1.0
+
+    @classmethod
+    def default(cls, sparsity: str) -> SparsityLoss | None:
+        """The default settings of a sparsity kind (``None``: no penalty, TopK and BatchTopK)."""
+        coefficient = DEFAULT_SPARSITY_COEFFICIENT.get(sparsity)
+        return None if coefficient is None else cls(coefficient)
 
 
 class LossOutput(NamedTuple):
     """What one loss evaluation returns.
 
     Attributes:
-        loss: ``mse + aux_loss_coefficient * aux`` (differentiable).
+        loss: ``mse + aux_loss_coefficient * aux + penalty`` (differentiable).
         mse: Mean squared error per entry.
         aux: AuxK loss per entry (zero when no atom is dead).
         sq_err: ``[B]`` squared error per sample (detached).
@@ -54,6 +95,7 @@ class LossOutput(NamedTuple):
         input_sum: ``[d_k, d_v]`` sum of the inputs over the batch (detached), for explained variance.
         code: The batch's sparse code (``dense [B, d_sae]``).
         pre: ``[B, d_sae]`` pre-activations.
+        penalty: The sparsity penalty, weights included (zero for TopK and BatchTopK).
     """
 
     loss: Float[Tensor, ""]
@@ -64,13 +106,15 @@ class LossOutput(NamedTuple):
     input_sum: Float[Tensor, "d_k d_v"]
     code: SparseCode
     pre: Float[Tensor, "B d_sae"]
+    penalty: Float[Tensor, ""]
 
 
 class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     """Trainable WriteSAE; saves as an inference ``"write_sae"``.
 
     In training mode a BatchTopK SAE selects codes batch-wide; in ``eval()`` mode it uses
-    ``cfg.batchtopk_inference``, like the inference class.
+    ``cfg.batchtopk_inference``, like the inference class. A gated SAE trained with the soft gate
+    reconstructs through it in training mode only (module docstring).
 
     Attributes:
         factor_loss: ``"auto"`` (cheaper of Gram and dense per loss term), ``"gram"`` or ``"dense"``.
@@ -92,9 +136,13 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
     # ------------------------------------------------------------------ losses
 
     def compute_loss(
-        self, batch: Batch, dead_mask: Bool[Tensor, " d_sae"] | None = None, aux_slots: int | None = None
+        self,
+        batch: Batch,
+        dead_mask: Bool[Tensor, " d_sae"] | None = None,
+        aux_slots: int | None = None,
+        sparsity_loss: SparsityLoss | None = None,
     ) -> LossOutput:
-        """Reconstruction (+ AuxK) loss of a batch of dense states or factor-form writes.
+        """Reconstruction (+ AuxK, + sparsity penalty) loss of a batch of dense states or factor-form writes.
 
         The encode hooks fire; ``hook_sae_recons``/``hook_sae_output`` do not, since a factor-form
         batch never has a dense reconstruction.
@@ -104,28 +152,68 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             dead_mask: Atoms currently counted as dead; ``None`` or all-false skips AuxK.
             aux_slots: At least the number of dead atoms, known without asking the device (see
                 `writesae.dead_atoms`); ``None`` counts them (the host waits for the device).
+            sparsity_loss: The JumpReLU / gated penalty's settings; ``None``: the sparsity's defaults
+                (`SparsityLoss.default`). Ignored by TopK and BatchTopK.
         """
-        pre, code, _, _, states, pair = self.encode_full(batch)
+        settings = sparsity_loss or SparsityLoss.default(self.cfg.sparsity)
+        bandwidth = settings.bandwidth if settings is not None else None
+        pre, code, _, _, states, pair = self.encode_full(batch, bandwidth=bandwidth)
+        # What the reconstruction is made from: the code, except a soft-gated SAE's in training.
+        recon_code = self._soft_gated_code(pre, settings) if self.training else None
+        recon_code = code if recon_code is None else recon_code
         c_out = self._output_offset()
         aux_code = self._aux_code(pre, dead_mask, aux_slots)
         any_dead = None if aux_code is None else dead_mask.any()  # type: ignore[union-attr]
         if states is None:
             assert pair is not None
             key, value = pair
-            gram_main = self._use_gram(code.indices.shape[-1])
-            if has_factor_decoder(self.cfg.variant) and gram_main:
-                sq_err, aux_err = self._factor_errors(key, value, code, c_out, aux_code)
+            gram_main = self._use_gram(recon_code.indices.shape[-1])
+            if has_factor_decoder(self.cfg.variant) and gram_main and self.cfg.sparsity not in ("jumprelu", "gated"):
+                sq_err, aux_err = self._factor_errors(key, value, recon_code, c_out, aux_code)
                 sq_norm = key.pow(2).sum(-1) * value.pow(2).sum(-1)
-                return self._finish(sq_err, aux_err, any_dead, sq_norm, key.T @ value, code, pre)
+                penalty = self._penalty(pre, None, settings)
+                return self._finish(sq_err, aux_err, any_dead, sq_norm, key.T @ value, code, pre, penalty)
             states = key[:, :, None] * value[:, None, :]
-        recon = self._decode_sparse(code.indices, code.values) + c_out
+        if self.cfg.sparsity == "jumprelu":
+            # Every atom's code gets its gradient, active or not: the thresholds' straight-through
+            # estimator needs it for the atoms just below their thresholds too.
+            recon = self._decode_matrix(recon_code.dense)
+        else:
+            recon = self._decode_sparse(recon_code.indices, recon_code.values) + c_out
         residual = states - recon
         sq_err = residual.pow(2).sum(dim=(1, 2))
         aux_err = None
         if aux_code is not None:
             aux_recon = self._decode_sparse(*aux_code)
             aux_err = (residual.detach() - aux_recon).pow(2).sum(dim=(1, 2))
-        return self._finish(sq_err, aux_err, any_dead, states.pow(2).sum(dim=(1, 2)), states.sum(0), code, pre)
+        penalty = self._penalty(pre, states, settings)
+        sq_norm, input_sum = states.pow(2).sum(dim=(1, 2)), states.sum(0)
+        return self._finish(sq_err, aux_err, any_dead, sq_norm, input_sum, code, pre, penalty)
+
+    def _soft_gated_code(self, pre: Float[Tensor, "B d_sae"], settings: SparsityLoss | None) -> SparseCode | None:
+        """``sigmoid(pi_gate / tau) ReLU(pi_mag)`` for a gated SAE trained with the soft gate, else ``None``."""
+        if self.cfg.sparsity != "gated" or settings is None or settings.gate != "soft_sigmoid":
+            return None
+        magnitude = gate_magnitudes(pre, self.b_enc, self.r_mag, self.b_mag).relu()  # type: ignore[attr-defined]
+        return sparse_rows(torch.sigmoid(pre / settings.temperature) * magnitude)
+
+    def _penalty(
+        self, pre: Float[Tensor, "B d_sae"], states: Float[Tensor, "B d_k d_v"] | None, settings: SparsityLoss | None
+    ) -> Float[Tensor, ""]:
+        """The sparsity penalty of JumpReLU and gated SAEs (module docstring), weights included."""
+        if settings is None:
+            return pre.new_zeros(())
+        if self.cfg.sparsity == "jumprelu":
+            threshold = self.log_threshold.exp()  # type: ignore[attr-defined]
+            l0 = heaviside(pre, threshold, settings.bandwidth).sum(-1).mean()
+            return settings.coefficient * l0
+        assert states is not None
+        gate = pre.relu()
+        gate_code = sparse_rows(gate)
+        # Through a frozen decoder: this loss trains the gate path (encoder, b_gate) only.
+        frozen = self._decode_sparse(gate_code.indices, gate_code.values, frozen=True) + self._output_offset().detach()
+        aux = (states - frozen).pow(2).mean()
+        return settings.coefficient * gate.sum(-1).mean() + settings.aux_coefficient * aux
 
     def _finish(
         self,
@@ -136,6 +224,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         input_sum: Tensor,
         code: SparseCode,
         pre: Tensor,
+        penalty: Tensor,
     ) -> LossOutput:
         d_in = self.cfg.d_in
         mse = sq_err.mean() / d_in
@@ -143,9 +232,9 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             aux = mse.new_zeros(())
         else:  # no dead atom: the AuxK slots all hold coefficient 0, and there is no AuxK loss
             aux = torch.where(any_dead, aux_err.mean() / d_in, 0.0)
-        loss = mse + self.cfg.aux_loss_coefficient * aux
+        loss = mse + self.cfg.aux_loss_coefficient * aux + penalty
         return LossOutput(
-            loss, mse, aux, sq_err.detach(), sq_norm.detach(), input_sum.detach(), code, pre
+            loss, mse, aux, sq_err.detach(), sq_norm.detach(), input_sum.detach(), code, pre, penalty
         )
 
     def _use_gram(self, n_atoms: int) -> bool:
@@ -173,18 +262,25 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
         return indices, values.relu()
 
     def _decode_sparse(
-        self, indices: Int[Tensor, "B K"], values: Float[Tensor, "B K"]
+        self, indices: Int[Tensor, "B K"], values: Float[Tensor, "B K"], frozen: bool = False
     ) -> Float[Tensor, "B d_k d_v"]:
-        """``sum_j a_j A_j`` (no bias) over the atoms ``indices`` with coefficients ``values``."""
+        """``sum_j a_j A_j`` (no bias) over the atoms ``indices`` with coefficients ``values``.
+
+        ``frozen``: the atoms are detached (no gradient reaches the decoder).
+        """
         cfg = self.cfg
         if has_factor_decoder(cfg.variant):
-            key_g, value_g = F.gather_factors(indices, self.W_dec_key, self.W_dec_value)
+            key_f, value_f = self.W_dec_key, self.W_dec_value
+            if frozen:
+                key_f, value_f = key_f.detach(), value_f.detach()
+            key_g, value_g = F.gather_factors(indices, key_f, value_f)
             return F.decode_gathered(values, key_g, value_g)
         # Dense atoms: one matmul (gathering rows would build [B, K, d_in]).
         dense = torch.zeros(
             values.shape[0], cfg.d_sae, dtype=values.dtype, device=values.device
         ).scatter(-1, indices, values)
-        return (dense @ self.W_dec).reshape(-1, cfg.d_k, cfg.d_v)
+        w_dec = self.W_dec.detach() if frozen else self.W_dec
+        return (dense @ w_dec).reshape(-1, cfg.d_k, cfg.d_v)
 
     def _factor_errors(
         self,
@@ -283,7 +379,8 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """One step for SAELens' ``SAETrainer`` on dense ``[B, d_in]`` batches."""
+        """One step for SAELens' ``SAETrainer`` on dense ``[B, d_in]`` batches (a JumpReLU or gated SAE
+        takes `SparsityLoss`'s defaults: a fixed bandwidth, the hard gate)."""
         out = self.compute_loss(step_input.sae_in, step_input.dead_neuron_mask)
         d_in = self.cfg.d_in
         if self.cfg.sparsity == "batchtopk":
@@ -292,6 +389,8 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             "mse_loss": out.mse * d_in,
             "auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * out.aux * d_in,
         }
+        if self.cfg.sparsity in DEFAULT_SPARSITY_COEFFICIENT:  # at SparsityLoss's defaults
+            losses["sparsity_loss"] = out.penalty * d_in
         with torch.no_grad():
             sae_out = self._decode_matrix(out.code.dense).reshape(step_input.sae_in.shape)
         return TrainStepOutput(

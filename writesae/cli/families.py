@@ -8,8 +8,9 @@ from writesae.cli import common, options
 from writesae.cli.substitution import add_substitution_options
 
 NAME = "families"
-HELP = ("SAE families (flat, matrix, bilinear, tied, bilinear-flat; topk, batchtopk) trained on one cell at a "
-        "matched budget: validation MSE and substitution win rate per family (paper Tables 5, 7, Fig. 8)")  # fmt: skip
+HELP = ("SAE families (flat, matrix, bilinear, tied, bilinear-flat; topk, batchtopk, jumprelu, gated) trained on one "
+        "cell at a matched budget: validation MSE and substitution win rate per family "
+        "(paper Tables 5, 7, Fig. 8)")  # fmt: skip
 RESUME_NOTE = "finished SAEs are kept and a stopped training continues from its checkpoint; the store continues too"
 
 
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", dest="sae_variants", nargs="+",
                    choices=["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"],
                    help="families (default: all five)")  # fmt: skip
-    p.add_argument("--sparsities", nargs="+", choices=["topk", "batchtopk"], help="sparsity kinds (default: topk)")
+    p.add_argument("--sparsities", nargs="+", choices=["topk", "batchtopk", "jumprelu", "gated"],
+                   help="sparsity kinds (default: topk; jumprelu and gated ignore --k)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 42)")
     p.add_argument("--d-sae", dest="d_sae", type=options.positive_int, help="atoms (default: 2048)")
     p.add_argument("--k", type=options.positive_int, help="active atoms per sample (default: 32)")

@@ -3,15 +3,17 @@
 
 A family is an encoder/decoder pair (`writesae.config.VARIANTS`: ``bilinear`` = WriteSAE, ``matrix``
 = dense encoder + rank-1 decoder, ``flat`` = FlatSAE, ``bilinear_tied``, ``bilinear_flat`` = matched-filter
-encoder + dense decoder) and a sparsity (`writesae.config.SPARSITIES`: ``topk``, ``batchtopk``). Every
-family is trained on the same store, cell and schedule for each seed, through the sweep's `train_cell`
-(so the cells resume, and land in a sweep-shaped folder); each trained SAE then runs the substitution
-test on held-out tokens (dense decoders, flat and bilinear_flat, through their top-1 SVD,
-`writesae.protocols.flat_svd`), and its register / bundle partition gives Fig. 8's cosines. One record
-per (family, seed); the summary averages the seeds.
+encoder + dense decoder) and a sparsity (`writesae.config.SPARSITIES`: ``topk``, ``batchtopk``, and Table 5's
+``jumprelu`` and ``gated``, whose penalty settings come in through ``FamiliesConfig.trainer``; they ignore
+``k``, so compare their ``val_l0``). Every family is trained on the same store, cell and schedule for each
+seed, through the sweep's `train_cell` (so the cells resume, and land in a sweep-shaped folder); each
+trained SAE then runs the substitution test on held-out tokens (dense decoders, flat and bilinear_flat,
+through their top-1 SVD, `writesae.protocols.flat_svd`), and its register / bundle partition gives Fig. 8's
+cosines. One record per (family, seed); the summary averages the seeds.
 
-Not built: the paper's JumpReLU and Gated SAEs (Table 5's second row; its Gated SAEs failed to
-train) are not WriteSAE sparsities here, so they are not in the grid.
+The paper's Gated SAEs failed to train (its negative result); here they train with the standard hard gate
+or the reference code's soft one (``trainer={"gate": ...}``), and whether they fail the same way is what
+the records show. Not built: the paper's third gate, "hard + STE" (a straight-through hard gate).
 
 The budget (``FamiliesConfig.budget``, docs/design.md §5): ``"n_features"`` (the paper's Table 7:
 the same ``d_sae``, ``k``, optimiser and epochs for every family) or ``"parameters"`` (each family
@@ -59,8 +61,8 @@ class FamiliesConfig:
 
     Attributes:
         variants: Encoder/decoder families (default: every WriteSAE variant).
-        sparsities: Sparsity kinds (paper Table 7: TopK; Table 5 compares BatchTopK with JumpReLU,
-            which is not built here).
+        sparsities: Sparsity kinds (paper Table 7: TopK; Table 5 compares BatchTopK with JumpReLU;
+            ``"gated"`` is the paper's negative result). JumpReLU and gated SAEs ignore ``k``.
         seeds: Seeds, one SAE per (family, seed) (paper: 0, 1, 42).
         d_sae: Atoms (paper: 2,048); at ``budget="parameters"``, the reference family's.
         k: Active atoms per sample (paper: 32).
@@ -69,7 +71,8 @@ class FamiliesConfig:
             ``d_sae`` matches the reference family's parameter count.
         reference_variant: The family whose parameters the others match.
         trainer: Further `TrainerConfig` fields, the same for every family (e.g.
-            ``{"input_scaling": "unit_mean_square", "lr": 2e-3}``, the demo's recipe for small models).
+            ``{"input_scaling": "unit_mean_square", "lr": 2e-3}``, the demo's recipe for small models);
+            the ``jumprelu_*`` and ``gated_*``/``gate*`` fields reach only the families of that sparsity.
         substitution: The substitution test of every SAE (None: val MSE only).
         flat_svd_of: How dense decoders (flat, bilinear_flat) are substituted: ``"reconstruction"`` /
             ``"atom"`` top-1 SVD (see `writesae.protocols.flat_svd`), or ``"none"``: the dense atom as it is.
@@ -109,17 +112,18 @@ class FamiliesConfig:
             raise ValueError(f"seeds must be distinct, and at least one (got {list(self.seeds)})")
 
 
-def parameters_per_atom(variant: str, d_k: int, d_v: int, rank: int = 1) -> int:
+def parameters_per_atom(variant: str, d_k: int, d_v: int, rank: int = 1, sparsity: str = "topk") -> int:
     """Trainable parameters one atom adds (encoder, decoder, ``b_enc``); every SAE adds ``b_dec`` (``d_k d_v``).
 
     Flat: ``2 d_in + 1``; matrix (dense encoder, rank-r decoder): ``d_in + r (d_k + d_v) + 1``;
     bilinear: ``2 r (d_k + d_v) + 1``; tied bilinear: ``r (d_k + d_v) + 1`` (paper App. C); bilinear_flat
-    (rank-r matched filter, dense decoder): ``r (d_k + d_v) + d_in + 1``.
+    (rank-r matched filter, dense decoder): ``r (d_k + d_v) + d_in + 1``. JumpReLU adds a threshold per
+    atom, a gated SAE ``r_mag`` and ``b_mag`` (the parameter budget leaves these out).
     """
     d_in, factors = d_k * d_v, rank * (d_k + d_v)
     per_atom = {"flat": 2 * d_in, "matrix": d_in + factors, "bilinear": 2 * factors, "bilinear_tied": factors,
                 "bilinear_flat": factors + d_in}  # fmt: skip
-    return per_atom[variant] + 1
+    return per_atom[variant] + 1 + {"jumprelu": 1, "gated": 2}.get(sparsity, 0)
 
 
 def matched_d_sae(variant: str, reference: str, d_sae: int, d_k: int, d_v: int, k: int) -> int:
@@ -336,7 +340,7 @@ class Families(Protocol[FamilyRecord]):
             return [("Settings", settings), ("Headline", "No SAE trained.")]
         h = summary["headline"]
         columns = ["family", "n_seeds", "d_sae", "n_parameters", "val_mse", "val_mse_sd", "val_explained_variance",
-                   "val_dead_fraction", "win_rate", "win_rate_sd", "n_firings", "register_median_cosine",
+                   "val_l0", "val_dead_fraction", "win_rate", "win_rate_sd", "n_firings", "register_median_cosine",
                    "bundle_median_cosine"]  # fmt: skip
         ratios = ", ".join(f"{k.removesuffix('_mse_over_flat')} {v:.2f}x"
                            for k, v in h.items() if k.endswith("_mse_over_flat"))  # fmt: skip

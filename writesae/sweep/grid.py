@@ -23,7 +23,9 @@ Keys of ``grid`` and ``fixed``: ``layer`` and ``head`` (required, in one or the 
 (the SAE's initialisation and the trainer's draws; default 42), any `WriteTrainingSAEConfig` field
 in `SAE_KEYS` and any `TrainerConfig` field in `TRAINER_KEYS`. Settings left out take the
 defaults of ``writesae train``. A relative ``store`` path is relative to the current directory,
-like every path given to ``writesae``.
+like every path given to ``writesae``. Settings of one sparsity kind (`SPARSITY_KEYS`: JumpReLU's and the
+gated SAE's) belong only to the cells of that kind: other cells leave them out, so a TopK cell is the
+same cell whatever the grid says about gates.
 
 A cell's identity (`SweepCell.digest`) is a hash of all its settings (defaults filled in) and of
 the store's manifest; its folder (`SweepCell.id`) adds a readable name. The same cell in a later
@@ -46,16 +48,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SweepGrid", "SweepCell", "SubstitutionSettings", "CELL_KEYS", "SAE_KEYS", "TRAINER_KEYS", "load_grid"]
+__all__ = ["SweepGrid", "SweepCell", "SubstitutionSettings", "CELL_KEYS", "SAE_KEYS", "TRAINER_KEYS", "SPARSITY_KEYS",
+           "load_grid"]
 
 CELL_KEYS = ("layer", "head", "seed")
 SAE_KEYS = ("d_sae", "k", "variant", "rank", "sparsity", "batchtopk_inference", "input_mean", "k_aux",
-            "aux_loss_coefficient", "apply_b_dec_to_input")  # fmt: skip
+            "aux_loss_coefficient", "apply_b_dec_to_input", "jumprelu_init_threshold")  # fmt: skip
 # TrainerConfig fields a cell may set (out_dir and progress belong to the sweep, seed to the cell).
 TRAINER_KEYS = ("batch_size", "epochs", "max_samples", "lr", "lr_min", "warmup_steps", "adam_betas", "adam_eps",
                 "grad_clip", "dead_steps", "resample_every", "resample_from", "resample_encoder_scale",
                 "renorm_every", "val_every", "val_batch_size", "checkpoint_every", "log_every",
-                "estimate_input_mean", "mean_samples", "input_scaling")  # fmt: skip
+                "estimate_input_mean", "mean_samples", "input_scaling", "jumprelu_coefficient", "jumprelu_bandwidth",
+                "jumprelu_bandwidth_final", "gated_coefficient", "gated_aux_coefficient", "gate",
+                "gate_temperature")  # fmt: skip
+# Settings that only cells of one sparsity kind have (module docstring).
+SPARSITY_KEYS = {
+    "jumprelu": ("jumprelu_init_threshold", "jumprelu_coefficient", "jumprelu_bandwidth", "jumprelu_bandwidth_final"),
+    "gated": ("gated_coefficient", "gated_aux_coefficient", "gate", "gate_temperature"),
+}
 _ALL_KEYS = CELL_KEYS + SAE_KEYS + TRAINER_KEYS
 # Settings every results table shows (after layer, head and the grid's keys).
 _SHOWN = ("seed", "d_sae", "k", "variant", "input_scaling")
@@ -74,6 +84,12 @@ def _defaults() -> dict[str, Any]:
             if f.name in keys and f.name not in values:
                 values[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
     return values
+
+
+def _applicable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the settings of sparsity kinds other than the cell's."""
+    other = {k for sparsity, keys in SPARSITY_KEYS.items() if sparsity != settings.get("sparsity") for k in keys}
+    return {k: v for k, v in settings.items() if k not in other}
 
 
 def _bad(path: str, message: str) -> ValueError:
@@ -132,7 +148,7 @@ class SweepCell:
     def name(self) -> str:
         parts = [f"L{self.layer}_H{self.head}"]
         for key in self.varied:
-            if key not in ("layer", "head"):
+            if key not in ("layer", "head") and key in self.settings:
                 value = self.settings[key]
                 parts.append(f"{_SHORT[key]}{value}" if key in _SHORT else str(value))
         return "_".join(parts).replace("/", "-")
@@ -161,7 +177,7 @@ class SweepCell:
         """The cell's settings as the results table shows them: layer, head, the grid keys, then a few more."""
         shown = ["layer", "head", *[k for k in self.varied if k not in ("layer", "head")]]
         shown += [k for k in _SHOWN if k not in shown]
-        return {"cell": self.id, **{k: self.settings[k] for k in shown}}
+        return {"cell": self.id, **{k: self.settings.get(k) for k in shown}}
 
 
 @dataclass(frozen=True)
@@ -218,12 +234,17 @@ class SweepGrid:
         return cls(Path(data["store"]), dict(grid), dict(fixed), substitution, source)
 
     def cells(self, store_digest: str = "") -> list[SweepCell]:
-        """Every combination of the grid's values, in grid order (the last key varies fastest)."""
+        """Every combination of the grid's values, in grid order (the last key varies fastest); combinations
+        that differ only in settings their sparsity does not have are one cell."""
         keys, defaults = list(self.grid), _defaults()
-        return [
-            SweepCell({**defaults, **self.fixed, **dict(zip(keys, combo))}, tuple(keys), store_digest)
+        cells = [
+            SweepCell(_applicable({**defaults, **self.fixed, **dict(zip(keys, combo))}), tuple(keys), store_digest)
             for combo in itertools.product(*(self.grid[k] for k in keys))
         ]
+        first = {}
+        for cell in cells:
+            first.setdefault(cell.digest, cell)
+        return list(first.values())
 
 
 def _loader() -> type:
