@@ -79,4 +79,4 @@ def test_unknown_families_are_refused():
     with pytest.raises(ValueError, match="variants"):
         FamiliesConfig(variants=("jumprelu",))
     with pytest.raises(ValueError, match="sparsities"):
-        FamiliesConfig(sparsities=("gated",))
+        FamiliesConfig(sparsities=("relu",))
