@@ -324,9 +324,10 @@ def _revalidated(config, **changes):
         (lambda: TrainerConfig(jumprelu_bandwidth_final=0.0), "jumprelu_bandwidth_final must be a number > 0"),
         (lambda: _revalidated(TrainerConfig(), gate="sigmoid"), r"gate must be one of \('hard', 'soft_sigmoid'\)"),
         (lambda: TrainerConfig(gate_temperature=-0.1), "gate_temperature must be a number > 0"),
-        (lambda: WriteTrainingSAEConfig.build(d_k=2, d_v=2, d_sae=4, k=2, sparsity="jumprelu",
-                                              jumprelu_init_threshold=0.0), "jumprelu_init_threshold must be a positive"),
-        (lambda: _revalidated(WriteSAEConfig.build(d_k=2, d_v=2, d_sae=4, k=2), sparsity="relu"), "'jumprelu', 'gated'"),
+        (lambda: WriteTrainingSAEConfig.build(d_k=2, d_v=2, d_sae=4, sparsity="jumprelu", jumprelu_init_threshold=0.0),
+         "jumprelu_init_threshold must be a positive"),
+        (lambda: _revalidated(WriteSAEConfig.build(d_k=2, d_v=2, d_sae=4, k=2), sparsity="relu"),
+         "'jumprelu', 'gated'"),
         (lambda: FamiliesConfig(sparsities=("topk", "gate")), "sparsities must be a non-empty subset"),
     ],
 )
