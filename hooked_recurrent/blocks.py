@@ -43,11 +43,18 @@ class RunContext:
         start_position: Absolute position of the first token of the current call (non-zero when
             continuing a cache or generating). A hook at a position-``p`` slice of the current
             call sits at absolute position ``start_position + p``.
+        start_at_layer: Skip the blocks below this one (they pass their input on untouched and
+            leave their cache alone); this block reads ``start_residual`` instead of its input.
+            Set by `hooked_recurrent.fork.run_from_layer` (forks whose edits all sit at or above
+            a layer compute the layers below once, not once per condition).
+        start_residual: The residual stream entering block ``start_at_layer`` ``[batch, pos, d_model]``.
     """
 
     stop_at_layer: int | None = None
     start_position: int = 0
     padding_mask: Tensor | None = None  # [batch, pos] of this call, when it has padding
+    start_at_layer: int | None = None
+    start_residual: Tensor | None = None
 
 
 class StopForward(Exception):
@@ -102,12 +109,25 @@ class BlockHooks(nn.Module):
 
     def install(self) -> None:
         """Route the HF layer at this depth through this container (its submodules are untouched)."""
-        self.hf.forward = self.forward
+        self.hf.forward = self._forward_unless_skipped
+
+    def _forward_unless_skipped(self, *args: Any, **kwargs: Any) -> Any:
+        """`forward`, or nothing at all for a block below ``start_at_layer`` (its input goes on)."""
+        start = self.context.start_at_layer
+        if start is None or self.index >= start:
+            return self.forward(*args, **kwargs)
+        return self.passed_through(args[0] if args else kwargs["hidden_states"])
+
+    def passed_through(self, hidden_states: Tensor) -> Any:
+        """What the HF layer returns when its input goes on unchanged (its output's structure)."""
+        return hidden_states
 
     def enter(self, hidden_states: Tensor) -> Tensor:
-        """Honour ``stop_at_layer`` and pass the block's input through ``hook_resid_pre``."""
+        """Honour ``stop_at_layer`` and ``start_at_layer``, and pass the block's input through ``hook_resid_pre``."""
         if self.context.stop_at_layer == self.index:
             raise StopForward(hidden_states)
+        if self.context.start_at_layer == self.index:
+            hidden_states = self.context.start_residual
         return self.hook_resid_pre(hidden_states)
 
 

@@ -90,6 +90,7 @@ class RecurrentCache(DynamicCache):
         self.position = 0
         self._batch_size = batch_size
         self.attention_mask: Int[Tensor, "batch pos"] | None = None
+        self.from_layer = 0  # the layers below are shared with another cache (`select`), not held
         self.signature = model_signature(model)
         self.owner_id = id(model.hf_model)
         self.filled_with = (model.cfg.dtype, str(model.cfg.device))  # the model's dtype and device
@@ -139,6 +140,13 @@ class RecurrentCache(DynamicCache):
             raise ValueError(
                 f"This cache holds {self.batch_size} sequence(s) but the input has batch size {batch_size}; "
                 "use cache.repeat(n) to tile it, or a cache built for this batch."
+            )
+        first, start = getattr(self, "from_layer", 0), model.context.start_at_layer or 0
+        if first != start:
+            raise ValueError(
+                f"This cache holds the memory of layers {first} and up (cache.select(rows, from_layer={first})) "
+                f"but the forward runs from layer {start}: continue it with hooked_recurrent.fork.run_from_layer "
+                f"from layer {first}, or select from a whole cache without from_layer."
             )
         now = (model.cfg.dtype, str(model.cfg.device))
         if self.position > 0 and now != self.filled_with:
@@ -229,18 +237,31 @@ class RecurrentCache(DynamicCache):
             memo[id(self.attention_mask)] = self.attention_mask.clone()
         return copy.deepcopy(self, memo)
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> RecurrentCache:
-        out = self.clone()
-        for entry in out.layers:
+    def _map(self, fn: Callable[[Tensor], Tensor], from_layer: int = 0) -> RecurrentCache:
+        """A copy whose batch-indexed tensors are ``fn`` of this cache's (``fn`` copies), other tensors
+        cloned; the layers below ``from_layer`` are shared with this cache, not copied."""
+        batched: set[int] = set()
+        for entry in self.layers:
             if isinstance(entry, LinearAttentionCacheLayerMixin):
                 for store in (entry.conv_states, entry.recurrent_states):
-                    for key, value in store.items():
-                        if isinstance(value, Tensor):
-                            store[key] = fn(value)
+                    batched.update(id(value) for value in store.values() if isinstance(value, Tensor))
             if _has_keys(entry):
-                entry.keys, entry.values = fn(entry.keys), fn(entry.values)
-        if out.attention_mask is not None:
-            out.attention_mask = fn(out.attention_mask)
+                batched.update((id(entry.keys), id(entry.values)))
+        # One pass: each tensor goes straight to its copy (deepcopy takes it from the memo), instead
+        # of a clone of the whole cache followed by ``fn`` of each clone.
+        memo: dict[int, Any] = {}
+        for index, entry in enumerate(self.layers):
+            for value in vars(entry).values():
+                for tensor in value.values() if isinstance(value, dict) else [value]:
+                    if isinstance(tensor, Tensor) and id(tensor) not in memo:
+                        if index < from_layer:
+                            memo[id(tensor)] = tensor
+                        else:
+                            memo[id(tensor)] = fn(tensor) if id(tensor) in batched else tensor.clone()
+        if self.attention_mask is not None:
+            memo[id(self.attention_mask)] = fn(self.attention_mask)
+        out = copy.deepcopy(self, memo)
+        out.from_layer = max(from_layer, getattr(self, "from_layer", 0))
         return out
 
     def repeat(self, n: int) -> RecurrentCache:
@@ -285,10 +306,21 @@ class RecurrentCache(DynamicCache):
         out._batch_size = sum(c.batch_size for c in caches)
         return out
 
-    def select(self, rows: Tensor | list[int]) -> RecurrentCache:
-        """A copy with only some sequences of the batch."""
+    def select(self, rows: Tensor | list[int], from_layer: int = 0) -> RecurrentCache:
+        """A copy with only some sequences of the batch (in any order, repeats allowed).
+
+        Args:
+            rows: The sequences to keep.
+            from_layer: Copy only the memory of this layer and the layers after it. The copy
+                shares the layers below with this cache (neither copied nor ever updated through
+                the copy), so only `hooked_recurrent.fork.run_from_layer` from that layer continues
+                it: for conditions whose edits all sit at or above it, the layers below compute the
+                same for every condition and are run once, for the original batch.
+        """
+        if not 0 <= from_layer < len(self.layers):
+            raise ValueError(f"from_layer={from_layer} is out of range for a cache of {len(self.layers)} layers")
         index = torch.as_tensor(rows, dtype=torch.long)
-        out = self._map(lambda x: x[index.to(x.device)])
+        out = self._map(lambda x: x[index.to(x.device)], from_layer)
         out._batch_size = len(index)
         return out
 
@@ -296,6 +328,11 @@ class RecurrentCache(DynamicCache):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache to one safetensors file (atomically: a crash leaves no partial file)."""
+        if getattr(self, "from_layer", 0):
+            raise ValueError(
+                f"this cache holds only layers {self.from_layer} and up (select(..., from_layer=...)); "
+                "save the whole cache it was selected from"
+            )
         tensors: dict[str, Tensor] = {}
         layers_meta = []
         for i, entry in enumerate(self.layers):

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,22 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .blocks import StopForward
 from .cache import RecurrentCache
 
 if TYPE_CHECKING:
     from .model import HookedRecurrentModel
 
-__all__ = ["fork", "fork_from", "on_rows", "Condition", "TOKENS_PER_PASS"]
+__all__ = [
+    "fork",
+    "fork_from",
+    "on_rows",
+    "Condition",
+    "TOKENS_PER_PASS",
+    "first_layer",
+    "residual_before",
+    "run_from_layer",
+]
 
 TOKENS_PER_PASS = 1024
 """Default batch rows x continuation tokens per forward pass of a fork."""
@@ -186,3 +197,77 @@ def fork(
             model(tokens[:, :position], attention_mask=prefix_mask, cache=cache, return_type=None)
     rest_mask = None if attention_mask is None else attention_mask[:, position:until]
     return fork_from(model, cache, tokens[:, position:until], conditions, attention_mask=rest_mask, max_rows=max_rows)
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def first_layer(conditions: Sequence[Condition]) -> int:
+    """The lowest block any condition's hooks sit in (0 if one is a name filter or not in a block;
+    0 too when no condition has hooks): the blocks below see the same inputs under every condition."""
+    layers = []
+    for condition in conditions:
+        for name, _ in condition:
+            match = _BLOCK.match(name) if isinstance(name, str) else None
+            if match is None:
+                return 0
+            layers.append(int(match.group(1)))
+    return min(layers, default=0)
+
+
+@torch.no_grad()
+def residual_before(
+    model: HookedRecurrentModel,
+    tokens: Int[Tensor, "batch pos"],
+    layer: int,
+    cache: RecurrentCache | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering block ``layer`` for ``tokens`` (continuing ``cache``, left untouched).
+
+    Only the blocks below ``layer`` run (on a clone of the cache).
+    """
+
+    def stop(residual: Tensor, hook) -> None:  # noqa: ANN001
+        raise StopForward(residual)
+
+    clone = None if cache is None else cache.clone()
+    return model.run_with_hooks(tokens, cache=clone, attention_mask=attention_mask,
+                                fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", stop)])  # fmt: skip
+
+
+def run_from_layer(
+    model: HookedRecurrentModel,
+    tokens: Int[Tensor, "batch pos"],
+    layer: int,
+    residual: Float[Tensor, "batch pos d_model"],
+    *,
+    cache: RecurrentCache | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    fwd_hooks: Condition = (),
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of ``tokens`` when ``residual`` enters block ``layer``; the blocks below are skipped.
+
+    Equal to a full forward whose residual stream entering ``layer`` is ``residual`` (as
+    `residual_before` gives it), with the hooks of the blocks below never firing.
+
+    Args:
+        model: The model.
+        tokens: The tokens (the embedding and positions are still theirs; some blocks read them).
+        layer: The first block that runs.
+        residual: What enters it.
+        cache: The memory of the blocks from ``layer`` on (``cache.select(rows, from_layer=layer)``),
+            updated in place; or None.
+        attention_mask: Mask of ``tokens``.
+        fwd_hooks: Hooks, as for ``run_with_hooks`` (those of the skipped blocks never fire).
+    """
+    if residual.shape[:2] != tokens.shape[:2]:
+        raise ValueError(f"the residual {tuple(residual.shape)} does not match the tokens {tuple(tokens.shape)}")
+    context = model.context
+    if context.start_at_layer is not None:
+        raise RuntimeError("run_from_layer is already running in this model (it cannot be nested)")
+    context.start_at_layer, context.start_residual = layer, residual
+    try:
+        return model.run_with_hooks(tokens, cache=cache, attention_mask=attention_mask, fwd_hooks=list(fwd_hooks))
+    finally:
+        context.start_at_layer = context.start_residual = None

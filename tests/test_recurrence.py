@@ -134,3 +134,31 @@ def test_a_nan_written_into_the_model_reaches_no_earlier_logit(arch):
     assert logits[0, 5:].isnan().all(-1).all() and torch.isfinite(logits[0, :5]).all()
     torch.testing.assert_close(logits[0, :5], clean[0, :5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[1], clean[1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_one_token_delta_rule_step_equals_transformers_loop():
+    """`delta_rule_step` (the decode step of the delta-rule families) against transformers' own
+    one-token loop, over three chained steps, with key heads shared by two value heads."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    from hooked_recurrent.mixers.gated_deltanet import delta_rule_step
+
+    g = torch.Generator().manual_seed(0)
+    batch, key_heads, heads, d_k, d_v = 3, 2, 4, 16, 24
+    ours = theirs = torch.randn(batch, heads, d_k, d_v, generator=g) * 0.3
+    for _ in range(3):
+        inputs = dict(
+            query=torch.randn(batch, 1, key_heads, d_k, generator=g),
+            key=torch.randn(batch, 1, key_heads, d_k, generator=g),
+            value=torch.randn(batch, 1, heads, d_v, generator=g),
+            g=-torch.rand(batch, 1, heads, generator=g),
+            beta=torch.rand(batch, 1, heads, generator=g),
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
+        out, ours = delta_rule_step(initial_state=ours, **inputs)
+        expected, theirs = torch_recurrent_gated_delta_rule(initial_state=theirs, **inputs)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert float((ours - theirs).abs().max()) < 1e-5 < float(theirs.abs().max())

@@ -42,6 +42,9 @@ class BambaBlock(PreNormBlock):
         """The layer's output, and no attention weights (the HF layer returns both)."""
         return super().forward(hidden_states, **kwargs), None
 
+    def passed_through(self, hidden_states: Tensor) -> tuple[Tensor, None]:
+        return hidden_states, None
+
 
 class Bamba(Family):
     """Bamba: Mamba-2 and attention layers, each followed by a SwiGLU MLP."""

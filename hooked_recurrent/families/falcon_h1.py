@@ -101,6 +101,9 @@ class FalconH1Block(BlockHooks):
         self.hook_mlp_out = HookPoint("batch pos d_model")
         self.hook_resid_post = HookPoint("batch pos d_model")
 
+    def passed_through(self, hidden_states: Tensor) -> tuple[Tensor]:
+        return (hidden_states,)
+
     def forward(
         self,
         hidden_states: Tensor,

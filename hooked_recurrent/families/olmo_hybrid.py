@@ -22,7 +22,7 @@ from ..components import NormHooks, mlp_hooks
 from ..config import HookedRecurrentConfig
 from ..hook_points import HookPoint
 from ..mixers.attention import AttentionOutputHooks
-from ..mixers.gated_deltanet import DeltaRuleInputs, GatedDeltaNetMixer
+from ..mixers.gated_deltanet import DeltaRuleInputs, GatedDeltaNetMixer, delta_rule_step
 from .base import ATTENTION, TINY, Family, base_config
 from .qwen3_5 import GATED_DELTANET, qwen_linear_config
 
@@ -33,7 +33,7 @@ class OlmoHybridGatedDeltaNet(GatedDeltaNetMixer):
     """OLMo-Hybrid's Gated DeltaNet: separate projections, ``beta = 2 sigmoid(b)`` by default."""
 
     chunk_kernel = staticmethod(hf_olmo.torch_chunk_gated_delta_rule)
-    step_kernel = staticmethod(hf_olmo.torch_recurrent_gated_delta_rule)
+    step_kernel = staticmethod(delta_rule_step)  # transformers' torch_recurrent_gated_delta_rule, leaner
     l2norm = staticmethod(hf_olmo.l2norm)
     output_norm_name, output_projection_name = "o_norm", "o_proj"
 

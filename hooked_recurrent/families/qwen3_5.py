@@ -18,7 +18,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen
 from ..blocks import PreNormBlock, RunContext
 from ..config import HookedRecurrentConfig
 from ..mixers.attention import GatedAttentionHooks
-from ..mixers.gated_deltanet import DeltaRuleInputs, GatedDeltaNetMixer
+from ..mixers.gated_deltanet import DeltaRuleInputs, GatedDeltaNetMixer, delta_rule_step
 from .base import ATTENTION, TINY, Family, LayerKind, base_config
 
 __all__ = ["GATED_DELTANET", "Qwen3_5GatedDeltaNet", "Qwen3_5", "qwen_linear_config", "QWEN_TINY", "TINY_MOE"]
@@ -30,7 +30,7 @@ class Qwen3_5GatedDeltaNet(GatedDeltaNetMixer):
     """Qwen3.5's Gated DeltaNet (also Qwen3.5-MoE's): ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
 
     chunk_kernel = staticmethod(hf_qwen.torch_chunk_gated_delta_rule)
-    step_kernel = staticmethod(hf_qwen.torch_recurrent_gated_delta_rule)
+    step_kernel = staticmethod(delta_rule_step)  # transformers' torch_recurrent_gated_delta_rule, leaner
     l2norm = staticmethod(hf_qwen.l2norm)
 
     def project(self, hidden_states: Tensor, compute_dtype: torch.dtype) -> DeltaRuleInputs:

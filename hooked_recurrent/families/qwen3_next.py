@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import Qwen3NextConfig
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
-from ..mixers.gated_deltanet import DeltaRuleInputs
+from ..mixers.gated_deltanet import DeltaRuleInputs, delta_rule_step
 from .qwen3_5 import QWEN_TINY, TINY_MOE, Qwen3_5, Qwen3_5GatedDeltaNet
 
 __all__ = ["Qwen3NextGatedDeltaNet", "Qwen3Next"]
@@ -24,7 +24,7 @@ class Qwen3NextGatedDeltaNet(Qwen3_5GatedDeltaNet):
     """Qwen3-Next's Gated DeltaNet: projections fused per key head."""
 
     chunk_kernel = staticmethod(hf_next.torch_chunk_gated_delta_rule)
-    step_kernel = staticmethod(hf_next.torch_recurrent_gated_delta_rule)
+    step_kernel = staticmethod(delta_rule_step)  # transformers' torch_recurrent_gated_delta_rule, leaner
     l2norm = staticmethod(hf_next.l2norm)
 
     def project(self, hidden_states: Tensor, compute_dtype: torch.dtype) -> DeltaRuleInputs:

@@ -46,7 +46,49 @@ from ..hook_points import HookPoint
 from .base import MatrixRecurrentMixer, RecurrenceFactors
 from .steps import cached_state, hooked_split, mask_padding, short_convolution, store_state
 
-__all__ = ["DeltaRuleInputs", "GatedDeltaNetMixer"]
+__all__ = ["DeltaRuleInputs", "GatedDeltaNetMixer", "delta_rule_step"]
+
+
+def delta_rule_step(
+    query: Float[Tensor, "batch 1 key_head d_k"],
+    key: Float[Tensor, "batch 1 key_head d_k"],
+    value: Float[Tensor, "batch 1 head d_v"],
+    g: Float[Tensor, "batch 1 head"],
+    beta: Float[Tensor, "batch 1 head"],
+    initial_state: Float[Tensor, "batch head d_k d_v"],
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    **kwargs: Any,
+) -> tuple[Float[Tensor, "batch 1 head d_v"], Float[Tensor, "batch head d_k d_v"] | None]:
+    """One token of the gated delta rule: transformers' ``torch_recurrent_gated_delta_rule`` (same
+    arguments, same steps in float32, equal up to float rounding), with one state-sized allocation
+    instead of five.
+
+    transformers' loop builds the decayed state, two products with the state and the updated
+    state as new tensors; at a fork's batch (a hundred rows of 16 x 128 x 128 states) each is a
+    hundred megabytes of fresh memory, and their page faults cost more than the arithmetic. Here
+    the decayed state is the only new tensor: the reads are batched matrix products and the
+    write is added in place.
+    """
+    batch, length, key_heads, d_k = key.shape
+    heads, d_v = value.shape[-2:]
+    if length != 1:
+        raise ValueError(f"delta_rule_step takes one token, got {length}")
+    if key_heads != heads:
+        query = query.repeat_interleave(heads // key_heads, dim=2)
+        key = key.repeat_interleave(heads // key_heads, dim=2)
+    q, k, v = (x[:, 0].to(torch.float32) for x in (query, key, value))  # [batch head d]
+    if use_qk_l2norm_in_kernel:
+        q = q * torch.rsqrt((q * q).sum(dim=-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(dim=-1, keepdim=True) + 1e-6)
+    q = q / d_k**0.5
+    state = initial_state.to(torch.float32) * g[:, 0].to(torch.float32).exp()[..., None, None]
+    flat = state.view(batch * heads, d_k, d_v)
+    remembered = torch.bmm(k.reshape(batch * heads, 1, d_k), flat).view(batch, heads, d_v)  # S^T k
+    delta = (v - remembered) * beta[:, 0].to(torch.float32)[..., None]
+    flat.baddbmm_(k.reshape(batch * heads, d_k, 1), delta.view(batch * heads, 1, d_v))  # S += k delta^T
+    out = torch.bmm(q.reshape(batch * heads, 1, d_k), flat).view(batch, 1, heads, d_v)
+    return out.to(query.dtype), state if output_final_state else None
 
 
 @dataclass

@@ -8,6 +8,11 @@ one cache through the sequence and forking only the conditions at each position 
 conditions of every sequence at a position share one pass), and with ``recompute=True`` it
 recomputes every prefix instead (same results up to float rounding; for checks and benchmarks).
 
+A fork copies and runs only the blocks its edits can reach: when every hook of every condition
+sits in block ``l`` or above, the blocks below see the same tokens under every condition, so they
+run once per sequence (`hooked_recurrent.fork.residual_before`) and each condition's copy of the
+cache holds (and runs, `hooked_recurrent.fork.run_from_layer`) the blocks from ``l`` on only.
+
 Example:
     >>> import torch
     >>> from hooked_recurrent import HookedRecurrentModel
@@ -32,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_recurrent.cache import RecurrentCache
-from hooked_recurrent.fork import TOKENS_PER_PASS, Condition, on_rows
+from hooked_recurrent.fork import TOKENS_PER_PASS, Condition, first_layer, on_rows, residual_before, run_from_layer
 
 __all__ = ["SequenceWalk"]
 
@@ -98,6 +103,11 @@ class SequenceWalk:
         """
         cache = self.cache_at(position)
         max_rows = max_rows or max(1, TOKENS_PER_PASS // (until - position))
+        # The blocks below the lowest edited one compute the same for every condition: run them once
+        # for the walked batch, unless hooks outside the conditions (which would fire fewer times) are on.
+        layer = 0 if self.recompute or _hooked(self.model) else first_layer([hooks for _, hooks in conditions])
+        tokens = self.tokens[:, position:until]
+        residual = residual_before(self.model, tokens, layer, cache, self._mask(position, until)) if layer else None
         logits = []
         for first in range(0, len(conditions), max_rows):
             group = conditions[first : first + max_rows]
@@ -105,6 +115,16 @@ class SequenceWalk:
             hooks = [(name, on_rows(fn, i, i + 1)) for i, (_, hooks) in enumerate(group) for name, fn in hooks]
             mask = None if self.attention_mask is None else self.attention_mask[rows, position:until]
             with torch.no_grad():
-                logits.append(self.model.run_with_hooks(self.tokens[rows, position:until], cache=cache.select(rows),
-                                                        attention_mask=mask, fwd_hooks=hooks))  # fmt: skip
+                if layer:
+                    forked = cache.select(rows, from_layer=layer)
+                    logits.append(run_from_layer(self.model, tokens[rows], layer, residual[rows], cache=forked,
+                                                 attention_mask=mask, fwd_hooks=hooks))  # fmt: skip
+                else:
+                    logits.append(self.model.run_with_hooks(tokens[rows], cache=cache.select(rows), attention_mask=mask,
+                                                            fwd_hooks=hooks))  # fmt: skip
         return torch.cat(logits)
+
+
+def _hooked(model: Any) -> bool:
+    """Whether any hook point of the model has a forward hook now."""
+    return any(point.has_fwd_hooks() for point in model.hook_dict.values())
