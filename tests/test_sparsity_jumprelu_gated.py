@@ -375,7 +375,8 @@ def test_families_with_jumprelu_and_gated_record_each_family(tmp_path) -> None:
     config = FamiliesConfig(variants=("bilinear",), sparsities=("topk", "jumprelu", "gated"), seeds=(0,), d_sae=16,
                             k=2, epochs=2, substitution=None,
                             trainer={"batch_size": 32, "warmup_steps": 1, "input_scaling": "unit_mean_square",
-                                     "jumprelu_bandwidth": 0.1, "gate": "soft_sigmoid"})  # fmt: skip
+                                     "jumprelu_bandwidth": 0.1, "jumprelu_init_threshold": 0.01,
+                                     "gate": "soft_sigmoid"})  # fmt: skip
     result = run_families(model, random_tokens(2, 8, seed=9), train_tokens=random_tokens(6, 16, seed=8), layer=layer,
                           head=head, config=config, out_dir=tmp_path, verbose=False)  # fmt: skip
     records = {r.sparsity: r for r in result.records}

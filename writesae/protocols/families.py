@@ -72,7 +72,8 @@ class FamiliesConfig:
         reference_variant: The family whose parameters the others match.
         trainer: Further `TrainerConfig` fields, the same for every family (e.g.
             ``{"input_scaling": "unit_mean_square", "lr": 2e-3}``, the demo's recipe for small models);
-            the ``jumprelu_*`` and ``gated_*``/``gate*`` fields reach only the families of that sparsity.
+            the ``jumprelu_*`` and ``gated_*``/``gate*`` fields reach only the families of that sparsity, and
+            so does ``jumprelu_init_threshold`` (an SAE config field, the one allowed here).
         substitution: The substitution test of every SAE (None: val MSE only).
         flat_svd_of: How dense decoders (flat, bilinear_flat) are substituted: ``"reconstruction"`` /
             ``"atom"`` top-1 SVD (see `writesae.protocols.flat_svd`), or ``"none"``: the dense atom as it is.
@@ -93,6 +94,7 @@ class FamiliesConfig:
     def __post_init__(self) -> None:
         from writesae.sweep.grid import TRAINER_KEYS
 
+        trainer_keys = (*TRAINER_KEYS, "jumprelu_init_threshold")
         check_config(self, positive=("d_sae", "k", "epochs"), nonnegative=("seeds",))
         for name, values, allowed in (("variants", self.variants, VARIANTS),
                                       ("sparsities", self.sparsities, SPARSITIES)):  # fmt: skip
@@ -105,9 +107,10 @@ class FamiliesConfig:
             raise ValueError(f"reference_variant must be one of {list(VARIANTS)} (got {self.reference_variant!r})")
         if self.flat_svd_of not in ("reconstruction", "atom", "none"):
             raise ValueError(f"flat_svd_of must be 'reconstruction', 'atom' or 'none' (got {self.flat_svd_of!r})")
-        unknown = sorted(set(self.trainer) - set(TRAINER_KEYS))
+        unknown = sorted(set(self.trainer) - set(trainer_keys))
         if unknown:
-            raise ValueError(f"trainer takes TrainerConfig fields {list(TRAINER_KEYS)}; unknown: {unknown}")
+            raise ValueError(f"trainer takes TrainerConfig fields and jumprelu_init_threshold {list(trainer_keys)}; "
+                             f"unknown: {unknown}")  # fmt: skip
         if not self.seeds or len(set(self.seeds)) < len(self.seeds):
             raise ValueError(f"seeds must be distinct, and at least one (got {list(self.seeds)})")
 
