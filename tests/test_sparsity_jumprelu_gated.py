@@ -336,17 +336,21 @@ def test_bad_settings_name_the_fix(build, match: str) -> None:
         build()
 
 
-def test_cli_refuses_a_penalty_weight_for_topk(tmp_path, capsys) -> None:
+def test_cli_refuses_sparsity_flags_of_sparsities_it_does_not_train(tmp_path, capsys) -> None:
     from writesae.cli import main
 
     store = tmp_path / "store"
     store.mkdir()
     (store / "manifest.json").write_text("{}")
-    status = main(["train", str(store), "--layer", "0", "--head", "0", "--sparsity-coefficient", "1e-3",
+    status = main(["train", str(store), "--layer", "0", "--head", "0", "--jumprelu-coefficient", "1e-3",
                    "--out", str(tmp_path / "out")])  # fmt: skip
     assert status == 2
-    assert "--sparsity-coefficient applies to --sparsity jumprelu or gated" in capsys.readouterr().err
+    assert "--jumprelu-coefficient applies to jumprelu SAEs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    status = main(["families", "tiny-random:qwen3.5", "--store", str(store), "--sparsities", "topk", "jumprelu",
+                   "--gate", "soft_sigmoid", "--out", str(tmp_path / "fam")])  # fmt: skip
+    assert status == 2
+    assert "--gate applies to gated SAEs" in capsys.readouterr().err
 
 
 def test_bandwidth_is_cosine_annealed_over_the_run() -> None:

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=options.positive_int, help="batch size (default: 256)")
     p.add_argument("--input-scaling", dest="input_scaling", choices=["none", "unit_mean_square"],
                    help="train on data scaled to unit mean square (default: none, the paper's)")  # fmt: skip
+    options.add_sparsity_options(p)
     p.add_argument("--no-substitution", dest="no_substitution", action="store_true", help="validation MSE only")
     add_substitution_options(p)
     options.add_output_options(p, "families run")
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
     names = ("sparsities", "seeds", "d_sae", "k", "epochs", "budget", "flat_svd_of")
     sizes = {"variants": args.sae_variants, **{k: getattr(args, k) for k in names}}
     trainer = {k: getattr(args, k) for k in ("lr", "batch_size", "input_scaling") if getattr(args, k) is not None}
+    trainer.update(options.sparsity_settings(args, args.sparsities or ["topk"]))
     config = FamiliesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if v is not None},
                             trainer=trainer,
                             substitution=None if args.no_substitution else

@@ -196,6 +196,52 @@ def add_token_options(parser: argparse.ArgumentParser, sequences: int, seq_len: 
     parser.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per block")
 
 
+# flag dest -> (the sparsity it belongs to, the config fields it sets)
+_SPARSITY_FLAGS = {
+    "jumprelu_coefficient": ("jumprelu", ("jumprelu_coefficient",)),
+    "jumprelu_init_threshold": ("jumprelu", ("jumprelu_init_threshold",)),
+    "jumprelu_bandwidth": ("jumprelu", ("jumprelu_bandwidth", "jumprelu_bandwidth_final")),
+    "gated_coefficient": ("gated", ("gated_coefficient",)),
+    "gate": ("gated", ("gate",)),
+}
+
+
+def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
+    """JumpReLU's and the gated SAE's settings (defaults: docs/design.md §5); `sparsity_settings` reads them."""
+    parser.add_argument("--jumprelu-coefficient", type=positive_float,
+                        help="jumprelu: lambda on the L0 (default 1e-5, the paper's)")  # fmt: skip
+    parser.add_argument("--jumprelu-init-threshold", type=positive_float,
+                        help="jumprelu: every atom's initial threshold, in the units training sees (default 1e-4, the "
+                             "paper's; with Adam a threshold moves about --lr per step in log space)")  # fmt: skip
+    parser.add_argument("--jumprelu-bandwidth", type=positive_float, nargs=2, metavar=("START", "END"),
+                        help="jumprelu: kernel bandwidth, cosine from START to END over the run (default 1e-3 1e-5, "
+                             "the paper's; the same twice for a constant one)")  # fmt: skip
+    parser.add_argument("--gated-coefficient", type=positive_float,
+                        help="gated: lambda on sum_i ReLU(pi_gate_i) (default 1e-3, the reference code's)")
+    parser.add_argument("--gate", choices=["hard", "soft_sigmoid"],
+                        help="gated: the gate in training (default hard; soft_sigmoid is the reference code's "
+                             "sigmoid(pi_gate / 0.1))")  # fmt: skip
+
+
+def sparsity_settings(args: argparse.Namespace, sparsities: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """The config fields (TrainerConfig's, and ``jumprelu_init_threshold``) the `add_sparsity_options` flags set.
+
+    Raises:
+        ValueError: a flag of a sparsity that is not trained (it would be ignored).
+    """
+    settings: dict[str, object] = {}
+    for dest, (sparsity, fields) in _SPARSITY_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if sparsity not in sparsities:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} applies to {sparsity} SAEs, and none is trained here (sparsity "
+                             f"{', '.join(sparsities)}); drop it or train {sparsity}")  # fmt: skip
+        settings.update(zip(fields, value if isinstance(value, list) else [value]))
+    return settings
+
+
 def add_output_options(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
     """``--out`` and the no-clobber policy: ``--resume`` or ``--overwrite`` an existing folder."""
     if default is None:

@@ -26,11 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rank of each atom's factors (bilinear_flat: of its encoder, the decoder is dense)")
     p.add_argument("--sparsity", default="topk", choices=["topk", "batchtopk", "jumprelu", "gated"],
                    help="jumprelu and gated codes are sparse by their thresholds (--k does not apply)")  # fmt: skip
-    p.add_argument("--sparsity-coefficient", type=options.positive_float, default=None,
-                   help="lambda of the jumprelu L0 / gated L1 penalty (default: 1e-5 jumprelu, the paper's; "
-                        "1e-3 gated)")  # fmt: skip
-    p.add_argument("--gate", choices=["hard", "soft_sigmoid"], default="hard",
-                   help="gate of a gated SAE in training: hard 1[pi > 0] or the reference code's sigmoid(pi / 0.1)")
+    options.add_sparsity_options(p)
     p.add_argument("--epochs", type=options.positive_int, default=20)
     p.add_argument("--batch-size", type=options.positive_int, default=256)
     p.add_argument("--lr", type=options.positive_float, default=3e-4, help="peak learning rate")
@@ -60,34 +56,22 @@ def _prepare(out_dir: Path, mode: str) -> tuple[Path, Path | None]:
     return prepare_output_dir(out, "overwrite", what="training run"), None
 
 
-def _sparsity_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The TrainerConfig fields of --sparsity-coefficient and --gate."""
-    if args.sparsity_coefficient is not None and args.sparsity not in ("jumprelu", "gated"):
-        raise ValueError(f"--sparsity-coefficient applies to --sparsity jumprelu or gated (got --sparsity "
-                         f"{args.sparsity}); drop it, TopK codes keep --k atoms")  # fmt: skip
-    if args.gate != "hard" and args.sparsity != "gated":
-        raise ValueError(f"--gate applies to --sparsity gated (got --sparsity {args.sparsity}); drop it")
-    settings: dict[str, object] = {"gate": args.gate}
-    if args.sparsity_coefficient is not None:
-        settings[f"{args.sparsity}_coefficient"] = args.sparsity_coefficient
-    return settings
-
-
 def run(args: argparse.Namespace) -> None:
     from writesae.distributed import on_main, process_group, rank_device
     from writesae.trainer import TrainerConfig
     from writesae.training import train_on_store
 
-    sparsity_settings = _sparsity_settings(args)  # before any folder is made
+    penalty = options.sparsity_settings(args, [args.sparsity])  # refused before any folder is made
+    sae_settings = {k: penalty.pop(k) for k in ("jumprelu_init_threshold",) if k in penalty}
     with process_group(args.device) as world:
         out, resume_from = on_main(lambda: _prepare(args.out, options.output_mode(args)), world)
         lr_min = min(3e-5, args.lr)  # the paper's floor, or the peak when that is lower
         trainer = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=lr_min, seed=args.seed,
                                 out_dir=out, input_scaling=args.input_scaling, checkpoint_every=args.checkpoint_every,
-                                progress=world.is_main, **sparsity_settings)  # fmt: skip
+                                progress=world.is_main, **penalty)  # fmt: skip
         sae, metrics = train_on_store(args.store, args.layer, args.head, d_sae=args.d_sae, k=args.k, seed=args.seed,
                                       trainer=trainer, variant=args.variant, rank=args.rank, sparsity=args.sparsity,
-                                      resume_from=resume_from, world=world,
+                                      resume_from=resume_from, world=world, **sae_settings,
                                       device=str(rank_device(args.device, world)))  # fmt: skip
     if world.is_main:
         sae.save_model(out / "sae")
