@@ -110,7 +110,7 @@ def test_refuses_pickled_modules_and_bad_layouts(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="needs 'V_dec'"):
         load_paper_checkpoint(ckpt)
     ckpt = paper_checkpoint("bilinear")
-    ckpt["config"]["sae_type"] = "bilinear_gated"
+    ckpt["config"]["sae_type"] = "bilinear_relu"
     with pytest.raises(CheckpointError, match="not convertible"):
         load_paper_checkpoint(ckpt)
 
@@ -124,3 +124,36 @@ def test_a_bilinear_flat_checkpoint_is_recognised_by_its_keys() -> None:
     ckpt = paper_checkpoint("bilinear")
     del ckpt["config"]["sae_type"]
     assert load_paper_checkpoint(ckpt).cfg.variant == "bilinear"
+
+
+@pytest.mark.parametrize("sae_type", ["bilinear_jumprelu", "bilinear_gated"])
+def test_jumprelu_and_gated_checkpoints_convert_to_their_sparsities(sae_type: str) -> None:
+    """Their keys (BilinearJumpReLUSAE: ``log_threshold``; BilinearGatedSAE: ``b_gate``, ``b_mag``, ``r_mag``),
+    recognised with or without ``sae_type``; codes against their equations with the hard gate:
+        jumprelu: z = sum_r V_enc^T S W_enc + b_enc,  a = z 1[z > exp(log_threshold)]
+        gated:    s = sum_r V_enc^T S W_enc,  a = 1[s + b_gate > 0] ReLU(exp(r_mag) s + b_mag)
+    (their gated code keeps sigmoid((s + b_gate) / tau) at inference; the converted SAE is hard-gated)."""
+    ckpt = paper_checkpoint("bilinear")
+    state, g = ckpt["model_state_dict"], torch.Generator().manual_seed(3)
+    if sae_type == "bilinear_jumprelu":
+        state["log_threshold"] = torch.rand(N, generator=g) * 2 - 1
+    else:
+        state["b_gate"] = state.pop("b_enc")
+        state["b_mag"], state["r_mag"] = torch.randn(N, generator=g), torch.randn(N, generator=g) * 0.3
+        ckpt["config"]["gate_tau"] = 0.1
+    del ckpt["config"]["sae_type"]
+    sae = load_paper_checkpoint(ckpt)
+    assert sae.cfg.sparsity == sae_type.removeprefix("bilinear_") and sae.cfg.variant == "bilinear"
+    st = {k: v.double() for k, v in state.items()}
+    s = torch.randn(16, D_K, D_V).double()
+    shared = torch.einsum("irk,bkv,irv->bi", st["V_enc"], s, st["W_enc"])
+    if sae_type == "bilinear_jumprelu":
+        z = shared + st["b_enc"]
+        want = z * (z > st["log_threshold"].exp())
+    else:
+        want = (shared + st["b_gate"] > 0) * (st["r_mag"].exp() * shared + st["b_mag"]).clamp(min=0)
+        assert sae.cfg.metadata.paper_gate_tau == 0.1
+    assert 0 < (want != 0).double().mean() < 1
+    torch.testing.assert_close(sae.encode(s.float()).double(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(CheckpointError, match="drop sparsity"):
+        load_paper_checkpoint(ckpt, sparsity="topk")

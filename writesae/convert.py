@@ -13,12 +13,19 @@ rank1          ``encoder.weight (n,d_in)``, ``encoder.bias``, ``V``, ``W``, ``bi
 flat           ``encoder.*``, ``decoder.weight (d_in,n)``, ``decoder.bias (d_in)``  variant ``flat``
 bilinear_flat  ``V_enc``, ``W_enc``, ``b_enc``, ``decoder.weight``, ``decoder.bias``  ``W_enc_key``, ``W_enc_value``,
                                                                                 ``b_enc``, ``W_dec``, ``b_dec``
+bilinear_      bilinear's keys plus ``log_threshold (n)``                       sparsity ``jumprelu``,
+jumprelu                                                                        ``log_threshold``
+bilinear_      bilinear's keys with ``b_gate`` for ``b_enc``, plus ``b_mag``,   sparsity ``gated``, ``b_enc``,
+gated          ``r_mag`` (n)                                                    ``b_mag``, ``r_mag``
 ============== ================================================================ =======================
 
 ``V_*`` are key-side (``d_k``) and ``W_*`` value-side (``d_v``) factors, matching ours. Older checkpoints
 store rank-1 factors as 2-D ``(n, d)`` tensors; they are read as ``(n, 1, d)``. ``steps_since_active``
 (a training buffer) is dropped. Their encoder does not subtract the decoder bias, so the converted
-config has ``apply_b_dec_to_input=False``; their flattening of ``S`` is row-major, like ours.
+config has ``apply_b_dec_to_input=False``; their flattening of ``S`` is row-major, like ours. Their gated
+SAE keeps its soft gate ``sigmoid(pi_gate / gate_tau)`` at inference; a converted one uses the hard gate
+``1[pi_gate > 0]`` (docs/design.md §5), so its codes differ where a gate is near 0 (``gate_tau`` goes to
+the metadata as ``paper_gate_tau``).
 
 Files are read with ``torch.load(weights_only=True)`` only. The Hub release also has full-module
 pickles; those are refused (unpickling runs arbitrary code), with instructions to re-save them.
@@ -37,7 +44,9 @@ from writesae.io import CheckpointError
 from writesae.sae import WriteSAE
 
 _VARIANT = {"bilinear": "bilinear", "bilinear_tied": "bilinear_tied", "rank1": "matrix", "flat": "flat",
-            "bilinear_flat": "bilinear_flat"}  # fmt: skip
+            "bilinear_flat": "bilinear_flat", "bilinear_jumprelu": "bilinear",
+            "bilinear_gated": "bilinear"}  # fmt: skip
+_SPARSITY = {"bilinear_jumprelu": "jumprelu", "bilinear_gated": "gated"}
 _FACTOR_KEYS = {"V_enc", "W_enc", "V_dec", "W_dec", "V", "W"}
 
 
@@ -62,6 +71,10 @@ def _read(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
 
 
 def _infer_type(state: dict[str, torch.Tensor]) -> str:
+    if "log_threshold" in state:
+        return "bilinear_jumprelu"
+    if "b_gate" in state:
+        return "bilinear_gated"
     if "V_enc" in state:
         return "bilinear_flat" if "decoder.weight" in state else "bilinear"
     if "V_dec" in state:
@@ -91,7 +104,8 @@ def load_paper_checkpoint(
         path_or_dict: A ``.pt`` file or an already-loaded checkpoint dict (``model_state_dict`` +
             ``config``; a bare state dict also works if ``k`` is given).
         k: TopK k; default ``config["k"]``.
-        sparsity: ``"topk"``/``"batchtopk"``; default from ``config["use_batchtopk"]``.
+        sparsity: ``"topk"``/``"batchtopk"``; default from ``config["use_batchtopk"]`` (JumpReLU and
+            gated checkpoints have their own, and ignore ``k``).
         batchtopk_inference: Inference rule for BatchTopK checkpoints (see ``WriteSAEConfig``).
         hook_name: Hook the SAE belongs to, e.g. ``"blocks.9.linear_attn.hook_state"`` (their
             checkpoints record only layer/head; those go to metadata as ``paper_layer``/``paper_head``).
@@ -107,9 +121,15 @@ def load_paper_checkpoint(
     sae_type = config.get("sae_type") or _infer_type(state)
     if sae_type not in _VARIANT:
         raise CheckpointError(
-            f"{source}: sae_type {sae_type!r} is not convertible; supported: {sorted(_VARIANT)} "
-            "(gated/JumpReLU variants have no WriteSAE counterpart)."
+            f"{source}: sae_type {sae_type!r} is not convertible; supported: {sorted(_VARIANT)}."
         )
+    if sae_type in _SPARSITY:
+        if sparsity not in (None, _SPARSITY[sae_type]):
+            raise CheckpointError(
+                f"{source}: a {sae_type} checkpoint is a {_SPARSITY[sae_type]} SAE; drop sparsity={sparsity!r}."
+            )
+        sparsity = _SPARSITY[sae_type]
+        k = k if k is not None else int(config.get("k", 32))  # not used by these sparsities
     state = {
         name: (t[:, None, :] if name in _FACTOR_KEYS and t.ndim == 2 else t) for name, t in state.items()
     }
@@ -141,6 +161,7 @@ def load_paper_checkpoint(
         paper_layer=config.get("layer"),
         paper_head=config.get("head"),
         converted_from="WriteSAE paper checkpoint (arXiv 2605.12770)",
+        **({"paper_gate_tau": config.get("gate_tau")} if sae_type == "bilinear_gated" else {}),
     )
     cfg = WriteSAEConfig.build(
         d_k=d_k, d_v=d_v, d_sae=d_sae, k=k, rank=rank, variant=_VARIANT[sae_type],
@@ -165,9 +186,13 @@ def _rename(sae_type: str, state: dict[str, torch.Tensor], source: str) -> dict[
             )
         return state[name]
 
-    if sae_type == "bilinear":
+    if sae_type in ("bilinear", "bilinear_jumprelu", "bilinear_gated"):
         mapping = {"W_enc_key": "V_enc", "W_enc_value": "W_enc", "b_enc": "b_enc",
                    "W_dec_key": "V_dec", "W_dec_value": "W_dec", "b_dec": "bias"}  # fmt: skip
+        if sae_type == "bilinear_jumprelu":
+            mapping["log_threshold"] = "log_threshold"
+        if sae_type == "bilinear_gated":
+            mapping.update(b_enc="b_gate", b_mag="b_mag", r_mag="r_mag")
         return {ours: take(theirs) for ours, theirs in mapping.items()}
     if sae_type == "bilinear_tied":
         mapping = {"b_enc": "b_enc", "W_dec_key": "V_dec", "W_dec_value": "W_dec", "b_dec": "bias"}
