@@ -156,7 +156,8 @@ def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimator() -> None
 
 def test_gated_losses_follow_the_gated_sae_objective() -> None:
     """MSE of the hard-gated code + lambda sum ReLU(pi_gate) + the frozen-decoder MSE of ReLU(pi_gate); the
-    frozen term trains no decoder weight; the soft gate reconstructs from sigmoid(pi_gate / tau) ReLU(pi_mag)."""
+    frozen term trains no decoder weight; the soft gate g = sigmoid(pi_gate / tau) takes ReLU(pi_gate)'s place
+    in all three terms (the code becomes g ReLU(pi_mag)) in training mode."""
     sae = make("gated", training=True, dtype="float64")
     x = torch.randn(40, D_K, D_V, dtype=torch.float64)
     lam, aux_w, tau = 0.02, 0.7, 0.1
@@ -176,7 +177,9 @@ def test_gated_losses_follow_the_gated_sae_objective() -> None:
 
     soft_settings = SparsityLoss(lam, gate="soft_sigmoid", temperature=tau, aux_coefficient=aux_w)
     soft = sae.compute_loss(x, sparsity_loss=soft_settings)
-    torch.testing.assert_close(soft.mse, mse(torch.sigmoid(z / tau) * magnitude))
+    gate = torch.sigmoid(z / tau)  # the soft gate's values replace ReLU(pi_gate) everywhere (reference code)
+    torch.testing.assert_close(soft.mse, mse(gate * magnitude))
+    torch.testing.assert_close(soft.penalty, lam * gate.sum(-1).mean() + aux_w * mse(gate))
     torch.testing.assert_close(soft.code.dense.double(), (z > 0) * magnitude)  # reported codes: the hard gate
     sae.eval()  # outside training the soft gate is not used
     torch.testing.assert_close(sae.compute_loss(x, sparsity_loss=soft_settings).mse, hard.mse)
@@ -402,3 +405,29 @@ def test_families_with_jumprelu_and_gated_record_each_family(tmp_path) -> None:
         assert r.val_l0 == pytest.approx(float((codes != 0).sum(-1).double().mean()), rel=1e-6)
     assert {row["family"] for row in result.summary["families"]} == {f"bilinear/{s}" for s in records}
     assert "bilinear/gated" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("sparsity", ["jumprelu", "gated"])
+def test_resampled_atoms_restart_their_sparsity_parameters(sparsity: str) -> None:
+    """JumpReLU: a resampled atom's log-threshold becomes the alive atoms' mean; gated: r_mag = b_mag = 0; the
+    other atoms and their Adam moments are untouched."""
+    from writesae.resample import resample_dead_atoms
+
+    sae = make(sparsity, training=True)
+    names = ("log_threshold",) if sparsity == "jumprelu" else ("r_mag", "b_mag")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.compute_loss(torch.randn(8, D_K, D_V), sparsity_loss=SparsityLoss(1e-2, bandwidth=1.0)).loss.backward()
+    optimizer.step()
+    before = {n: getattr(sae, n).detach().clone() for n in names}
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[1, 4]] = True
+    g = torch.Generator().manual_seed(0)
+    n = resample_dead_atoms(sae, optimizer, dead, torch.randn(16, D_K, D_V), torch.rand(16), g)
+    assert n == 2
+    for name in names:
+        got = getattr(sae, name).detach()
+        want = before[name][~dead].mean() if name == "log_threshold" else torch.tensor(0.0)
+        torch.testing.assert_close(got[dead], want.expand(2))
+        assert torch.equal(got[~dead], before[name][~dead])
+        moments = optimizer.state[getattr(sae, name)]
+        assert not moments["exp_avg"][dead].any() and moments["exp_avg"][~dead].any()

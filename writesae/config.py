@@ -215,7 +215,7 @@ class WriteTrainingSAEConfig(TrainingSAEConfig, _WriteFields):
         decoder_init_norm: Unused (SAELens field); WriteSAE atoms start at unit Frobenius norm.
         jumprelu_init_threshold: ``sparsity="jumprelu"`` only: every atom's initial threshold ``theta_0``
             (paper main text: 1e-4; the reference code: 1e-3), in the units of the data training sees
-            (raw, or scaled by ``TrainerConfig.input_scaling``). Resampled atoms restart from it.
+            (raw, or scaled by ``TrainerConfig.input_scaling``).
     """
 
     apply_b_dec_to_input: bool = True

@@ -5,16 +5,16 @@ reconstruction error; take that sample's matrix (``resample_from="input"``: the 
 decoder offset, as the reference code; ``"residual"``: what the SAE currently fails to reconstruct);
 set the decoder factors to its top-r singular vectors (unit norm); set the encoder to the same
 directions scaled to ``encoder_scale`` times the mean norm of the alive atoms' encoders; zero the
-atom's encoder bias and its Adam moments. A JumpReLU atom's threshold restarts at
-``jumprelu_init_threshold``; a gated atom's magnitude path at ``r_mag = b_mag = 0`` (their initial
-values). Dense encoders/decoders get the flattened matrix, normalised (reference code); a matched-filter
-encoder over a dense decoder (``bilinear_flat``) still gets the top-r singular vectors. Factor-form
-batches are built as matrices only for the drawn samples.
+atom's encoder bias and its Adam moments. A JumpReLU atom's log-threshold restarts at the mean of the
+alive atoms' (the reference code's: a dead atom's threshold is often what stopped it firing); a gated
+atom's magnitude path at ``r_mag = b_mag = 0``, its initial value (reference code too). Dense
+encoders/decoders get the flattened matrix, normalised (reference code); a matched-filter encoder over a
+dense decoder (``bilinear_flat``) still gets the top-r singular vectors. Factor-form batches are built as
+matrices only for the drawn samples.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -112,7 +112,7 @@ def resample_dead_atoms(
         sae.W_enc[:, atoms] = (F.unit_rows(rows.reshape(atoms.numel(), -1)) * scale).T
     sae.b_enc[atoms] = 0.0
     if cfg.sparsity == "jumprelu":
-        sae.log_threshold[atoms] = math.log(cfg.jumprelu_init_threshold)
+        sae.log_threshold[atoms] = sae.log_threshold[alive if alive.any() else slice(None)].mean()
     elif cfg.sparsity == "gated":
         sae.r_mag[atoms] = 0.0
         sae.b_mag[atoms] = 0.0

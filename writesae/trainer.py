@@ -137,9 +137,10 @@ class TrainerConfig:
             none; the reference code's class default 1e-3, its CLI's 1.0).
         gated_aux_coefficient: Weight of the gated SAE's frozen-decoder reconstruction loss (1, as
             Rajamanoharan et al. and the reference code).
-        gate: The gate a gated SAE trains with: ``"hard"`` (``1[pi_gate > 0]``, the standard Gated SAE)
-            or ``"soft_sigmoid"`` (``sigmoid(pi_gate / gate_temperature)``, the reference code's). Codes
-            outside training always use the hard gate.
+        gate: The gate a gated SAE trains with: ``"hard"`` (``1[pi_gate > 0]``, the standard Gated SAE:
+            penalty and auxiliary loss on ``ReLU(pi_gate)``) or ``"soft_sigmoid"`` (the reference code's
+            ``sigmoid(pi_gate / gate_temperature)``, in the code, the penalty and the auxiliary loss).
+            Codes outside training always use the hard gate.
         gate_temperature: ``tau`` of the soft gate (reference code: 0.1), in the units training sees.
     """
 

@@ -4,11 +4,12 @@ Losses are in the paper's units: MSE is the mean over samples *and* the ``d_k * 
 total is ``mse + aux_loss_coefficient * aux + penalty``. The penalty (`SparsityLoss`) is zero for TopK and
 BatchTopK; for ``sparsity="jumprelu"`` it is ``lambda * mean_b sum_i H(z_i - theta_i)`` (the L0, with
 straight-through threshold gradients, `writesae.activations`); for ``"gated"`` it is
-``lambda * mean_b sum_i ReLU(pi_gate_i) + aux_coefficient * MSE(x, ReLU(pi_gate) through the frozen
-decoder)`` (Rajamanoharan et al.'s Gated SAE; atoms are kept near unit norm by re-normalisation, so the L1
-needs no decoder-norm weights). A gated SAE trained with ``gate="soft_sigmoid"`` reconstructs from
-``sigmoid(pi_gate / tau) ReLU(pi_mag)`` in training mode (the reference code's gate); its reported code,
-its dead-atom counts and every code outside training keep the hard gate ``1[pi_gate > 0]``. (SAELens'
+``lambda * mean_b sum_i g_i + aux_coefficient * MSE(x, g through the frozen decoder)`` with the gate
+values ``g = ReLU(pi_gate)`` (``gate="hard"``, Rajamanoharan et al.'s Gated SAE; atoms are kept near unit
+norm by re-normalisation, so the L1 needs no decoder-norm weights). With ``gate="soft_sigmoid"`` (the
+reference code's gate) ``g = sigmoid(pi_gate / tau)``, and in training mode the SAE reconstructs from
+``g ReLU(pi_mag)``; its reported code, its dead-atom counts and every code outside training keep the hard
+gate ``1[pi_gate > 0]``. (SAELens'
 ``training_forward_pass``, kept for its ``SAETrainer``, reports the same losses summed over entries,
 SAELens' convention.)
 
@@ -65,7 +66,9 @@ class SparsityLoss(NamedTuple):
         coefficient: lambda (JumpReLU: on the L0; gated: on the L1 of ``ReLU(pi_gate)``).
         bandwidth: JumpReLU's kernel bandwidth ``h`` at this step.
         gate: Gated SAEs' gate in training: ``"hard"`` (``1[pi_gate > 0]``, no gradient to the gate
-            path but through the penalty and the auxiliary loss) or ``"soft_sigmoid"``.
+            path but through the penalty and the auxiliary loss, both on ``ReLU(pi_gate)``) or
+            ``"soft_sigmoid"`` (the reconstruction, the penalty and the auxiliary loss all on
+            ``sigmoid(pi_gate / temperature)``, as the reference code).
         temperature: ``tau`` of the soft gate ``sigmoid(pi_gate / tau)``.
         aux_coefficient: Weight of the gated SAE's frozen-decoder reconstruction loss.
     """
@@ -208,7 +211,7 @@ class WriteTrainingSAE(WriteSAEMixin, TrainingSAE[WriteTrainingSAEConfig]):
             l0 = heaviside(pre, threshold, settings.bandwidth).sum(-1).mean()
             return settings.coefficient * l0
         assert states is not None
-        gate = pre.relu()
+        gate = torch.sigmoid(pre / settings.temperature) if settings.gate == "soft_sigmoid" else pre.relu()
         gate_code = sparse_rows(gate)
         # Through a frozen decoder: this loss trains the gate path (encoder, b_gate) only.
         frozen = self._decode_sparse(gate_code.indices, gate_code.values, frozen=True) + self._output_offset().detach()

@@ -217,7 +217,7 @@ def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
                         help="jumprelu: kernel bandwidth, cosine from START to END over the run (default 1e-3 1e-5, "
                              "the paper's; the same twice for a constant one)")  # fmt: skip
     parser.add_argument("--gated-coefficient", type=positive_float,
-                        help="gated: lambda on sum_i ReLU(pi_gate_i) (default 1e-3, the reference code's)")
+                        help="gated: lambda on the sum of the gate values (default 1e-3, the reference code's)")
     parser.add_argument("--gate", choices=["hard", "soft_sigmoid"],
                         help="gated: the gate in training (default hard; soft_sigmoid is the reference code's "
                              "sigmoid(pi_gate / 0.1))")  # fmt: skip
