@@ -34,7 +34,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .blocks import StopForward
 from .cache import RecurrentCache
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ __all__ = [
     "Condition",
     "TOKENS_PER_PASS",
     "first_layer",
-    "residual_before",
+    "logits_and_residual",
     "run_from_layer",
 ]
 
@@ -216,24 +215,19 @@ def first_layer(conditions: Sequence[Condition]) -> int:
 
 
 @torch.no_grad()
-def residual_before(
+def logits_and_residual(
     model: HookedRecurrentModel,
     tokens: Int[Tensor, "batch pos"],
     layer: int,
     cache: RecurrentCache | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
-) -> Float[Tensor, "batch pos d_model"]:
-    """The residual stream entering block ``layer`` for ``tokens`` (continuing ``cache``, left untouched).
-
-    Only the blocks below ``layer`` run (on a clone of the cache).
-    """
-
-    def stop(residual: Tensor, hook) -> None:  # noqa: ANN001
-        raise StopForward(residual)
-
-    clone = None if cache is None else cache.clone()
-    return model.run_with_hooks(tokens, cache=clone, attention_mask=attention_mask,
-                                fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", stop)])  # fmt: skip
+) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "batch pos d_model"]]:
+    """The logits of ``tokens`` and the residual stream entering block ``layer`` on the way, from
+    one forward (continuing ``cache``, which advances, as with ``model(tokens, cache=cache)``)."""
+    seen: list[Tensor] = []
+    hook = (f"blocks.{layer}.hook_resid_pre", lambda residual, hook: seen.append(residual))
+    logits = model.run_with_hooks(tokens, cache=cache, attention_mask=attention_mask, fwd_hooks=[hook])
+    return logits, seen[0]
 
 
 def run_from_layer(
@@ -249,7 +243,7 @@ def run_from_layer(
     """Logits of ``tokens`` when ``residual`` enters block ``layer``; the blocks below are skipped.
 
     Equal to a full forward whose residual stream entering ``layer`` is ``residual`` (as
-    `residual_before` gives it), with the hooks of the blocks below never firing.
+    `logits_and_residual` gives it), with the hooks of the blocks below never firing.
 
     Args:
         model: The model.

@@ -7,7 +7,7 @@ from families import FAMILY_PRESETS
 from helpers import left_padding_mask, random_tokens, tiny_pair
 from hooked_recurrent import RecurrentCache
 from hooked_recurrent.edits import delete_writes, scale_writes
-from hooked_recurrent.fork import residual_before, run_from_layer
+from hooked_recurrent.fork import logits_and_residual, run_from_layer
 from writesae.protocols import walk as walk_module
 from writesae.protocols.walk import SequenceWalk
 
@@ -51,9 +51,12 @@ def test_a_cache_of_the_upper_blocks_continues_from_its_block_only():
     upper = cache.select(rows, from_layer=layer)
     with pytest.raises(ValueError, match="run_from_layer"):
         model(tokens[rows, 6:7], cache=upper)
-    residual = residual_before(model, tokens[:, 6:8], layer, cache)
-    assert cache.position == 6  # left untouched
+    ahead = cache.clone()
+    unedited, residual = logits_and_residual(model, tokens[:, 6:8], layer, ahead)
+    full = model(tokens)
+    torch.testing.assert_close(unedited, full[:, 6:8], rtol=1e-4, atol=1e-4)
+    assert ahead.position == 8 and cache.position == 6
     logits = run_from_layer(model, tokens[rows, 6:8], layer, residual[rows], cache=upper)
-    torch.testing.assert_close(logits, model(tokens)[rows, 6:8], rtol=1e-4, atol=1e-4)
-    assert upper.position == 8 and cache.position == 6
-    torch.testing.assert_close(model(tokens[:, 6:], cache=cache), model(tokens)[:, 6:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, full[rows, 6:8], rtol=1e-4, atol=1e-4)
+    assert upper.position == 8 and cache.position == 6  # the cache the rows were selected from is untouched
+    torch.testing.assert_close(model(tokens[:, 6:], cache=cache), full[:, 6:], rtol=1e-4, atol=1e-4)

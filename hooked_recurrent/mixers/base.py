@@ -281,7 +281,7 @@ class MatrixRecurrentMixer(nn.Module):
         if final is None:  # the kernel was not asked for it: take every recomputed lane's
             final = initial_state.new_zeros(batch, n_heads, self.d_k, self.d_v)
             final_from_here = recompute
-        output, final = output.clone(), final.clone()
+        output, final = _writable(output, initial_state), _writable(final, initial_state)
         for group in (with_states, without_states):
             group.scatter_into(output, final, output_from_here, final_from_here)
         return self.hook_recurrence_out(output), final
@@ -326,3 +326,12 @@ class MatrixRecurrentMixer(nn.Module):
             # [batch pos d_k d_v]
             apply_one_by_one(hooks.hook_state, lambda h=h: group.head_states(h, batch), replace_head)
         return edited
+
+
+def _writable(result: Tensor, initial_state: Tensor) -> Tensor:
+    """``result`` (a kernel's, or zeros made here) to write recomputed lanes into: itself when
+    nothing else can see it, a copy when autograd may have saved it for the backward pass or it
+    shares memory with the initial state (at a fork's batch the state is 100 MB: a copy costs
+    as much as the step)."""
+    shared = result.untyped_storage().data_ptr() == initial_state.untyped_storage().data_ptr()
+    return result.clone() if torch.is_grad_enabled() or shared else result

@@ -334,9 +334,9 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
                 work.append((native, plans, rows))
             logits = walk.fork_rows(t, conditions, until=t + 1 + max(config.kl_offsets))  # [cond, L, V]
             for native, plans, rows in work:
-                base = logits[rows["base"]]
-                kl = {key: self._kl(base, logits[i]) for key, i in rows.items()}
-                top1 = {key: int(logits[i, 0].argmax()) for key, i in rows.items()}
+                keys, index = list(rows), torch.tensor(list(rows.values()))
+                kl = dict(zip(keys, self._kl(logits[rows["base"]], logits[index]).tolist(), strict=True))
+                top1 = dict(zip(keys, logits[index, 0].argmax(-1).tolist(), strict=True))
                 records += [self._record(plan, native, kl, top1) for plan in plans]
         return sorted(records, key=lambda r: (r.sequence, r.position, r.atom))
 
@@ -413,13 +413,15 @@ class SubstitutionTest(Protocol[SubstitutionRecord]):
         matrix = torch.outer(key, value)
         return -1, (matrix / matrix.norm().clamp(min=1e-30)).float()
 
-    def _kl(self, base: Float[Tensor, "L d_vocab"], edited: Float[Tensor, "L d_vocab"]) -> float:
-        """The condition's score: KL at the configured offsets, averaged."""
+    def _kl(
+        self, base: Float[Tensor, "L d_vocab"], edited: Float[Tensor, "condition L d_vocab"]
+    ) -> Float[Tensor, " condition"]:
+        """Each condition's score: KL at the configured offsets, averaged (float64)."""
         offsets = list(self.config.kl_offsets)
-        base, edited = base[offsets], edited[offsets]
+        base, edited = base[offsets], edited[:, offsets]
         if self.config.kl_direction == "edited||base":
-            return float(kl_divergence(edited, base).mean())
-        return float(kl_divergence(base, edited).mean())
+            return kl_divergence(edited, base).mean(-1)
+        return kl_divergence(base, edited).mean(-1)
 
     def _record(self, plan: _Plan, native: Tensor, kl: dict, top1: dict) -> SubstitutionRecord:
         """One firing's record, from the KL and top-1 token of every condition key."""

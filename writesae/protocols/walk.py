@@ -9,9 +9,12 @@ conditions of every sequence at a position share one pass), and with ``recompute
 recomputes every prefix instead (same results up to float rounding; for checks and benchmarks).
 
 A fork copies and runs only the blocks its edits can reach: when every hook of every condition
-sits in block ``l`` or above, the blocks below see the same tokens under every condition, so they
-run once per sequence (`hooked_recurrent.fork.residual_before`) and each condition's copy of the
-cache holds (and runs, `hooked_recurrent.fork.run_from_layer`) the blocks from ``l`` on only.
+sits in block ``l`` or above, the blocks below see the same tokens under every condition. The
+walked sequences then run the continuation once, unedited, on a copy of the cache
+(`hooked_recurrent.fork.logits_and_residual`): that gives the unedited conditions' logits, the
+residual stream entering block ``l`` for all the others, and the walk's cache at the end of the
+continuation (taken up when the walk gets there). Each edited condition's copy of the cache holds
+and runs (`hooked_recurrent.fork.run_from_layer`) the blocks from ``l`` on only.
 
 Example:
     >>> import torch
@@ -37,7 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_recurrent.cache import RecurrentCache
-from hooked_recurrent.fork import TOKENS_PER_PASS, Condition, first_layer, on_rows, residual_before, run_from_layer
+from hooked_recurrent.fork import TOKENS_PER_PASS, Condition, first_layer, logits_and_residual, on_rows, run_from_layer
 
 __all__ = ["SequenceWalk"]
 
@@ -62,6 +65,7 @@ class SequenceWalk:
     ) -> None:
         self.model, self.tokens, self.attention_mask, self.recompute = model, tokens, attention_mask, recompute
         self._cache = RecurrentCache(model, tokens.shape[0])
+        self._ahead: RecurrentCache | None = None  # the walk further on, computed by a fork
 
     def _mask(self, start: int, stop: int) -> Tensor | None:
         return None if self.attention_mask is None else self.attention_mask[:, start:stop]
@@ -75,6 +79,9 @@ class SequenceWalk:
         """
         if not 0 <= position <= self.tokens.shape[1]:
             raise ValueError(f"position {position} is outside 0..{self.tokens.shape[1]}")
+        ahead = self._ahead
+        if ahead is not None and self._cache.position < ahead.position <= position:
+            self._cache, self._ahead = ahead, None
         cache = RecurrentCache(self.model, self.tokens.shape[0]) if self.recompute else self._cache
         if position < cache.position:
             raise ValueError(
@@ -107,20 +114,44 @@ class SequenceWalk:
         # for the walked batch, unless hooks outside the conditions (which would fire fewer times) are on.
         layer = 0 if self.recompute or _hooked(self.model) else first_layer([hooks for _, hooks in conditions])
         tokens = self.tokens[:, position:until]
-        residual = residual_before(self.model, tokens, layer, cache, self._mask(position, until)) if layer else None
+        if not layer:
+            return self._fork(cache, position, conditions, range(len(conditions)), until, max_rows)
+        ahead = cache.clone()
+        unedited, residual = logits_and_residual(self.model, tokens, layer, ahead, self._mask(position, until))
+        self._ahead = ahead
+        edited = [i for i, (_, hooks) in enumerate(conditions) if hooks]
+        logits = unedited[[row for row, _ in conditions]]  # then the edited conditions' rows replaced
+        if edited:
+            logits[edited] = self._fork(cache, position, conditions, edited, until, max_rows, layer, residual)
+        return logits
+
+    def _fork(
+        self,
+        cache: RecurrentCache,
+        position: int,
+        conditions: Sequence[tuple[int, Condition]],
+        which: Sequence[int],
+        until: int,
+        max_rows: int,
+        layer: int = 0,
+        residual: Tensor | None = None,
+    ) -> Float[Tensor, "condition forked_pos d_vocab"]:
+        """Logits of the conditions ``which`` in passes of ``max_rows``: the whole model, or from
+        block ``layer`` with the walked batch's ``residual`` entering it."""
         logits = []
-        for first in range(0, len(conditions), max_rows):
-            group = conditions[first : first + max_rows]
+        for first in range(0, len(which), max_rows):
+            group = [conditions[i] for i in which[first : first + max_rows]]
             rows = [row for row, _ in group]
             hooks = [(name, on_rows(fn, i, i + 1)) for i, (_, hooks) in enumerate(group) for name, fn in hooks]
+            tokens = self.tokens[rows, position:until]
             mask = None if self.attention_mask is None else self.attention_mask[rows, position:until]
             with torch.no_grad():
                 if layer:
                     forked = cache.select(rows, from_layer=layer)
-                    logits.append(run_from_layer(self.model, tokens[rows], layer, residual[rows], cache=forked,
+                    logits.append(run_from_layer(self.model, tokens, layer, residual[rows], cache=forked,
                                                  attention_mask=mask, fwd_hooks=hooks))  # fmt: skip
                 else:
-                    logits.append(self.model.run_with_hooks(tokens[rows], cache=cache.select(rows), attention_mask=mask,
+                    logits.append(self.model.run_with_hooks(tokens, cache=cache.select(rows), attention_mask=mask,
                                                             fwd_hooks=hooks))  # fmt: skip
         return torch.cat(logits)
 
