@@ -80,3 +80,25 @@ def test_unknown_families_are_refused():
         FamiliesConfig(variants=("jumprelu",))
     with pytest.raises(ValueError, match="sparsities"):
         FamiliesConfig(sparsities=("relu",))
+
+
+def test_sparsity_variants_train_the_other_sparsities_on_those_families_only(tmp_path):
+    """Table 5's grid beside Table 7's: every family under TopK, the WriteSAE alone under the others."""
+    from writesae.protocols.families import Families
+    from writesae.store import collect
+
+    model = tiny_pair("tiny-random:qwen3.5")[0]
+    collect(model, random_tokens(4, 12, seed=5), layers=[0], heads=[1], kind="state", out_dir=tmp_path / "store",
+            verbose=False)  # fmt: skip
+    config = FamiliesConfig(variants=("bilinear", "flat", "matrix"), sparsities=("topk", "jumprelu", "gated"),
+                            sparsity_variants=("bilinear",), seeds=(0, 1), substitution=None)  # fmt: skip
+    families = Families(model, random_tokens(1, 8), store=tmp_path / "store", cells_dir=tmp_path / "cells", config=config)
+    grid = sorted((c.settings["variant"], c.settings["sparsity"], c.seed) for c in families.cells)
+    expected = [("bilinear", s, seed) for s in ("topk", "jumprelu", "gated") for seed in (0, 1)]
+    expected += [(v, "topk", seed) for v in ("flat", "matrix") for seed in (0, 1)]
+    assert grid == sorted(expected)
+    everywhere = Families(model, random_tokens(1, 8), store=tmp_path / "store", cells_dir=tmp_path / "cells",
+                          config=FamiliesConfig(**{**vars(config), "sparsity_variants": None}))  # fmt: skip
+    assert len(everywhere.cells) == 3 * 3 * 2
+    with pytest.raises(ValueError, match="sparsity_variants must be among variants"):
+        FamiliesConfig(variants=("flat",), sparsity_variants=("bilinear",))

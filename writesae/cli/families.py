@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="families (default: all five)")  # fmt: skip
     p.add_argument("--sparsities", nargs="+", choices=["topk", "batchtopk", "jumprelu", "gated"],
                    help="sparsity kinds (default: topk; jumprelu and gated ignore --k)")  # fmt: skip
+    p.add_argument("--sparsity-variants", dest="sparsity_variants", nargs="+",
+                   choices=["bilinear", "flat", "matrix", "bilinear_tied", "bilinear_flat"],
+                   help="the families trained under every --sparsities; the others under the first only (default: "
+                        "all; the paper's Table 5 compares sparsities on bilinear alone)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 42)")
     p.add_argument("--d-sae", dest="d_sae", type=options.positive_int, help="atoms (default: 2048)")
     p.add_argument("--k", type=options.positive_int, help="active atoms per sample (default: 32)")
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.store is None and (args.layer is None or args.head is None):
         raise ValueError("writesae families: give --store, or --layer and --head to collect a store from --tokens")
-    names = ("sparsities", "seeds", "d_sae", "k", "epochs", "budget", "flat_svd_of")
+    names = ("sparsities", "sparsity_variants", "seeds", "d_sae", "k", "epochs", "budget", "flat_svd_of")
     sizes = {"variants": args.sae_variants, **{k: getattr(args, k) for k in names}}
     trainer = {k: getattr(args, k) for k in ("lr", "batch_size", "input_scaling") if getattr(args, k) is not None}
     trainer.update(options.sparsity_settings(args, args.sparsities or ["topk"]))

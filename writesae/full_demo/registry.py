@@ -414,8 +414,9 @@ _PAPER_PROTOCOLS = (
     FullProtocol(
         "families",
         "writesae.protocols.families",
-        "every SAE family (bilinear = WriteSAE, matrix, flat, tied, bilinear-flat) trained on the demo's store of "
-        "the cell at one budget: validation MSE and substitution win rate per family",
+        "every SAE family (bilinear = WriteSAE, matrix, flat, tied, bilinear-flat) under TopK, and the WriteSAE "
+        "under JumpReLU and gated sparsity too, trained on the demo's store of the cell at one budget: validation "
+        "MSE, L0 and substitution win rate per family",
         ProtocolCall(
             "writesae.protocols.families",
             "run_families",
@@ -425,6 +426,8 @@ _PAPER_PROTOCOLS = (
         ),
         sizes={
             "sequences": 12,
+            "sparsities": ("topk", "jumprelu", "gated"),  # Table 7 under TopK; Table 5 on the WriteSAE alone
+            "sparsity_variants": ("bilinear",),
             "seeds": (0,),
             "d_sae": 128,
             "k": 8,
@@ -434,12 +437,14 @@ _PAPER_PROTOCOLS = (
         },
         tiny={
             "sequences": 2,
+            "variants": ("bilinear", "flat"),
             "d_sae": 32,
             "k": 4,
             "epochs": 1,
             "substitution": {"n_atoms": 2, "max_firings_per_atom": 2, "n_bootstrap": 100, "n_permutations": 100},
         },
-        key_figures=("bilinear/topk_win_rate", "flat/topk_win_rate", "bilinear/topk_mse_over_flat"),
+        key_figures=("bilinear/topk_win_rate", "flat/topk_win_rate", "bilinear/topk_mse_over_flat",
+                     "bilinear/jumprelu_val_l0", "bilinear/gated_val_l0"),
     ),
 )
 
