@@ -91,6 +91,9 @@ class RecurrentCache(DynamicCache):
         self._batch_size = batch_size
         self.attention_mask: Int[Tensor, "batch pos"] | None = None
         self.from_layer = 0  # the layers below are shared with another cache (`select`), not held
+        # Set on a copy nobody else reads (a fork's): a forward may then update its recurrent states in
+        # place instead of allocating new ones (a fork's batch of states is ~100 MB).
+        self.in_place = False
         self.signature = model_signature(model)
         self.owner_id = id(model.hf_model)
         self.filled_with = (model.cfg.dtype, str(model.cfg.device))  # the model's dtype and device

@@ -217,6 +217,7 @@ class MatrixRecurrentMixer(nn.Module):
         native: Callable[[], tuple[Tensor, Tensor | None]] | None,
         initial_state: Float[Tensor, "batch head d_k d_v"] | None,
         output_dtype: torch.dtype,
+        private_state: bool = False,
     ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"] | None]:
         """Run the recurrence, firing the write/state/read hooks and applying their edits.
 
@@ -227,6 +228,9 @@ class MatrixRecurrentMixer(nn.Module):
                 transformers compute in float32).
             initial_state: The state before the first position (None = zeros).
             output_dtype: Dtype of the returned reads.
+            private_state: ``initial_state`` belongs to this call alone (a fork's copy, see
+                `RecurrentCache.in_place`) and, when hooks look at the factors, ``native`` may have
+                updated it in place: the recomputed lanes read it before ``native`` runs.
 
         Returns:
             The reads ``o_t`` (after ``hook_recurrence_out``) and the final state (None only if
@@ -258,15 +262,16 @@ class MatrixRecurrentMixer(nn.Module):
         edited = torch.zeros_like(state_lanes) if edited is None else edited
         recompute = edited | state_lanes if native is not None else torch.ones_like(state_lanes)
 
-        output = final = None
-        if native is not None:
-            output, final = native()
         if initial_state is None:
             initial_state = f.key.new_zeros(batch, n_heads, self.d_k, self.d_v)
         initial_state = initial_state.to(f.key.dtype)
-
+        # The lanes recomputed here take their initial states before the kernel runs (it may update a
+        # private state in place).
         with_states = LaneGroup(f, query, writes, initial_state, recompute & state_lanes, self.chunk_size)
         without_states = LaneGroup(f, query, writes, initial_state, recompute & ~state_lanes, self.chunk_size)
+        output = final = None
+        if native is not None:
+            output, final = native()
         without_states.run(return_states=False)
         if with_states.size:
             with_states.run(return_states=True)
@@ -281,7 +286,8 @@ class MatrixRecurrentMixer(nn.Module):
         if final is None:  # the kernel was not asked for it: take every recomputed lane's
             final = initial_state.new_zeros(batch, n_heads, self.d_k, self.d_v)
             final_from_here = recompute
-        output, final = _writable(output, initial_state), _writable(final, initial_state)
+        if not private_state:
+            output, final = _writable(output, initial_state), _writable(final, initial_state)
         for group in (with_states, without_states):
             group.scatter_into(output, final, output_from_here, final_from_here)
         return self.hook_recurrence_out(output), final

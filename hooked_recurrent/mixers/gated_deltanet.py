@@ -58,6 +58,7 @@ def delta_rule_step(
     initial_state: Float[Tensor, "batch head d_k d_v"],
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
+    in_place: bool = False,
     **kwargs: Any,
 ) -> tuple[Float[Tensor, "batch 1 head d_v"], Float[Tensor, "batch head d_k d_v"] | None]:
     """One token of the gated delta rule: transformers' ``torch_recurrent_gated_delta_rule`` (same
@@ -68,7 +69,8 @@ def delta_rule_step(
     state as new tensors; at a fork's batch (a hundred rows of 16 x 128 x 128 states) each is a
     hundred megabytes of fresh memory, and their page faults cost more than the arithmetic. Here
     the decayed state is the only new tensor: the reads are batched matrix products and the
-    write is added in place.
+    write is added in place. With ``in_place`` (a float32 ``initial_state`` that nobody else
+    reads) there is no new state at all: ``initial_state`` becomes the final state.
     """
     batch, length, key_heads, d_k = key.shape
     heads, d_v = value.shape[-2:]
@@ -82,7 +84,11 @@ def delta_rule_step(
         q = q * torch.rsqrt((q * q).sum(dim=-1, keepdim=True) + 1e-6)
         k = k * torch.rsqrt((k * k).sum(dim=-1, keepdim=True) + 1e-6)
     q = q / d_k**0.5
-    state = initial_state.to(torch.float32) * g[:, 0].to(torch.float32).exp()[..., None, None]
+    decay = g[:, 0].to(torch.float32).exp()[..., None, None]
+    if in_place and initial_state.dtype == torch.float32 and initial_state.is_contiguous():
+        state = initial_state.mul_(decay)
+    else:
+        state = initial_state.to(torch.float32) * decay
     flat = state.view(batch * heads, d_k, d_v)
     remembered = torch.bmm(k.reshape(batch * heads, 1, d_k), flat).view(batch, heads, d_v)  # S^T k
     delta = (v - remembered) * beta[:, 0].to(torch.float32)[..., None]
@@ -194,8 +200,15 @@ class GatedDeltaNetMixer(MatrixRecurrentMixer):
         g = self.hook_log_decay(inputs.log_decay)
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
 
+        # A fork's private state may be decayed in place when hooks look at the factors (`recur` then
+        # has what it needs from the state before the kernel runs, and no NaN fallback reruns it).
+        in_place = getattr(cache, "in_place", False) and self._looks_at_factors()
+        step = recurrent_state is not None and length == 1
+
         def native() -> tuple[Tensor, Tensor | None]:
-            kernel = self.step_kernel if recurrent_state is not None and length == 1 else self.chunk_kernel
+            if step and in_place and self.step_kernel is delta_rule_step:
+                return delta_rule_step(query, key, value, g, beta, recurrent_state, True, True, in_place=True)
+            kernel = self.step_kernel if step else self.chunk_kernel
             return kernel(
                 query,
                 key,
@@ -230,6 +243,7 @@ class GatedDeltaNetMixer(MatrixRecurrentMixer):
             native=None if compute_dtype == torch.float64 else native,
             initial_state=recurrent_state,
             output_dtype=query.dtype,
+            private_state=in_place,
         )
         if cache is not None:
             store_state(cache, m.layer_idx, final_state)

@@ -148,6 +148,7 @@ class SequenceWalk:
             with torch.no_grad():
                 if layer:
                     forked = cache.select(rows, from_layer=layer)
+                    forked.in_place = True  # this pass's own copy, dropped after it
                     logits.append(run_from_layer(self.model, tokens, layer, residual[rows], cache=forked,
                                                  attention_mask=mask, fwd_hooks=hooks))  # fmt: skip
                 else:
