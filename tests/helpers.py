@@ -59,3 +59,21 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def planted_rank1_states(
+    n_atoms: int, d_k: int, d_v: int, n: int, per_state: int, low: float, high: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A planted dictionary and states made of it, for SAE recovery tests.
+
+    Returns:
+        ``planted [n_atoms, d_k, d_v]``: random unit rank-1 atoms; ``states [n, d_k, d_v]``: each the sum of
+        ``per_state`` distinct planted atoms with coefficients uniform in ``[low, high)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(n_atoms, d_k, generator=g), dim=-1)
+    vals = torch.nn.functional.normalize(torch.randn(n_atoms, d_v, generator=g), dim=-1)
+    planted = keys[:, :, None] * vals[:, None, :]
+    which = torch.rand(n, n_atoms, generator=g).argsort(-1)[:, :per_state]
+    coef = torch.rand(n, per_state, generator=g) * (high - low) + low
+    return planted, torch.einsum("ns,nskv->nkv", coef, planted[which])

@@ -14,7 +14,7 @@ import math
 import jaxtyping
 import pytest
 import torch
-from helpers import random_tokens, tiny_pair
+from helpers import planted_rank1_states, random_tokens, tiny_pair
 
 with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
     import writesae  # noqa: F401  (registers the architecture with SAELens)
@@ -35,14 +35,6 @@ with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
 from sae_lens import SAE
 
 D_K, D_V, D_SAE = 4, 3, 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(sparsity: str, variant: str = "bilinear", training: bool = False, seed: int = 0, **kw):
@@ -220,13 +212,7 @@ def test_factor_form_loss_equals_dense_loss(sparsity: str, variant: str, mode: s
 
 def planted_data(n: int = 1500, seed: int = 0) -> torch.Tensor:
     """States that are sums of 2 of 12 random unit rank-1 atoms, coefficients in [0.5, 1.5]."""
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.nn.functional.normalize(torch.randn(12, D_K, generator=g), dim=-1)
-    vals = torch.nn.functional.normalize(torch.randn(12, D_V, generator=g), dim=-1)
-    planted = keys[:, :, None] * vals[:, None, :]
-    which = torch.rand(n, 12, generator=g).argsort(-1)[:, :2]
-    coef = torch.rand(n, 2, generator=g) + 0.5
-    return torch.einsum("ns,nskv->nkv", coef, planted[which])
+    return planted_rank1_states(12, D_K, D_V, n, per_state=2, low=0.5, high=1.5, seed=seed)[1]
 
 
 def train(sparsity: str, data: torch.Tensor, seed: int = 0, **trainer) -> tuple[WriteSAETrainer, float]:

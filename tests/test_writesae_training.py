@@ -7,7 +7,7 @@ import warnings
 import jaxtyping
 import pytest
 import torch
-from helpers import LargestTensor
+from helpers import LargestTensor, planted_rank1_states
 
 with jaxtyping.install_import_hook("writesae", "beartype.beartype"):
     from writesae import (
@@ -377,14 +377,8 @@ def test_planted_rank1_atoms_are_recovered() -> None:
     Data: 16 x 16 states, each a sum of 4 distinct planted atoms with coefficients in [0.5, 2].
     Metric: for each planted atom, the best |Frobenius cosine| with a learned atom; mean over atoms.
     """
-    g = torch.Generator().manual_seed(1234)
-    d, n_true, n = 16, 64, 20_000
-    keys = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
-    vals = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
-    planted = keys[:, :, None] * vals[:, None, :]
-    which = torch.rand(n, n_true, generator=g).argsort(-1)[:, :4]
-    coef = torch.rand(n, 4, generator=g) * 1.5 + 0.5
-    states = torch.einsum("ns,nskv->nkv", coef, planted[which])
+    d = 16
+    planted, states = planted_rank1_states(64, d, d, 20_000, per_state=4, low=0.5, high=2.0, seed=1234)
     train, val = TensorSource(states, seed=0).split(0.2, seed=42)
     sae = WriteTrainingSAE(WriteTrainingSAEConfig.build(d_k=d, d_v=d, d_sae=128, k=4), seed=0)
     cfg = TrainerConfig(epochs=15, lr=3e-3, lr_min=3e-4, progress=False)
@@ -405,14 +399,8 @@ def test_bilinear_flat_training_lowers_mse_on_a_planted_dictionary() -> None:
     the validation MSE of the initial SAE many times over, and the dense decoder rows line up with the
     planted atoms (best |Frobenius cosine| per planted atom, as in the bilinear recovery test above).
     """
-    g = torch.Generator().manual_seed(5)
-    d, n_true, n = 8, 16, 3000
-    keys = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
-    vals = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
-    planted = keys[:, :, None] * vals[:, None, :]
-    which = torch.rand(n, n_true, generator=g).argsort(-1)[:, :2]
-    coef = torch.rand(n, 2, generator=g) * 1.5 + 0.5
-    states = torch.einsum("ns,nskv->nkv", coef, planted[which])
+    d = 8
+    planted, states = planted_rank1_states(16, d, d, 3000, per_state=2, low=0.5, high=2.0, seed=5)
     train, val = TensorSource(states, seed=0).split(0.2, seed=42)
     cfg = WriteTrainingSAEConfig.build(d_k=d, d_v=d, d_sae=32, k=2, variant="bilinear_flat")
     sae = WriteTrainingSAE(cfg, seed=0)
