@@ -144,7 +144,7 @@ class RecurrentCache(DynamicCache):
                 f"This cache holds {self.batch_size} sequence(s) but the input has batch size {batch_size}; "
                 "use cache.repeat(n) to tile it, or a cache built for this batch."
             )
-        first, start = getattr(self, "from_layer", 0), model.context.start_at_layer or 0
+        first, start = self.from_layer, model.context.start_at_layer or 0
         if first != start:
             raise ValueError(
                 f"This cache holds the memory of layers {first} and up (cache.select(rows, from_layer={first})) "
@@ -264,7 +264,7 @@ class RecurrentCache(DynamicCache):
         if self.attention_mask is not None:
             memo[id(self.attention_mask)] = fn(self.attention_mask)
         out = copy.deepcopy(self, memo)
-        out.from_layer = max(from_layer, getattr(self, "from_layer", 0))
+        out.from_layer = max(from_layer, self.from_layer)
         return out
 
     def repeat(self, n: int) -> RecurrentCache:
@@ -331,7 +331,7 @@ class RecurrentCache(DynamicCache):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache to one safetensors file (atomically: a crash leaves no partial file)."""
-        if getattr(self, "from_layer", 0):
+        if self.from_layer:
             raise ValueError(
                 f"this cache holds only layers {self.from_layer} and up (select(..., from_layer=...)); "
                 "save the whole cache it was selected from"

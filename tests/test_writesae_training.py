@@ -166,8 +166,10 @@ def test_learning_rate_schedule() -> None:
     assert all(a >= b for a, b in zip(lrs[49:], lrs[50:]))  # monotone decay after warm-up
 
 
-def test_resampling_sets_atoms_from_high_error_sample() -> None:
-    sae = training_sae(d_sae=8, k=2, rank=1)
+def stepped_sae_with_two_dead_atoms(**cfg):
+    """An SAE (8 atoms, k 2) after one Adam step from ``b_dec = 0``, a batch of 4 writes whose sample 2 alone has
+    error (so it is the one a resampled atom is drawn from), and atoms 1 and 5 marked dead."""
+    sae = training_sae(d_sae=8, k=2, **cfg)
     with torch.no_grad():
         sae.b_dec.zero_()
     opt = torch.optim.Adam(sae.parameters())
@@ -176,6 +178,11 @@ def test_resampling_sets_atoms_from_high_error_sample() -> None:
     key, value = torch.randn(4, 6), torch.randn(4, 5)
     sq_err = torch.tensor([0.0, 0.0, 5.0, 0.0])  # only sample 2 can be drawn
     dead = torch.tensor([False, True, False, False, False, True, False, False])
+    return sae, opt, key, value, sq_err, dead
+
+
+def test_resampling_sets_atoms_from_high_error_sample() -> None:
+    sae, opt, key, value, sq_err, dead = stepped_sae_with_two_dead_atoms(rank=1)
     alive_enc = sae.W_enc_key[~dead].detach().clone()
     n = resample_dead_atoms(sae, opt, dead, (key, value), sq_err, torch.Generator().manual_seed(0))
     assert n == 2
@@ -222,15 +229,7 @@ def test_every_variant_trains_through_resampling(variant: str, form: str, resamp
 def test_resampling_a_bilinear_flat_atom_aims_its_filter_and_its_row_at_the_sample() -> None:
     """Reference code's rule for BilinearEncoderFlatSAE: matched filter from the sample's top singular pairs
     (at 0.2 x the alive encoders' mean norm), decoder row = the sample's unit direction."""
-    sae = training_sae(d_sae=8, k=2, rank=2, variant="bilinear_flat")
-    with torch.no_grad():
-        sae.b_dec.zero_()
-    opt = torch.optim.Adam(sae.parameters())
-    sae.compute_loss(torch.randn(4, 6, 5)).loss.backward()
-    opt.step()
-    key, value = torch.randn(4, 6), torch.randn(4, 5)
-    sq_err = torch.tensor([0.0, 0.0, 5.0, 0.0])  # only sample 2 can be drawn
-    dead = torch.tensor([False, True, False, False, False, True, False, False])
+    sae, opt, key, value, sq_err, dead = stepped_sae_with_two_dead_atoms(rank=2, variant="bilinear_flat")
     alive_enc = torch.einsum("irk,irv->ikv", sae.W_enc_key[~dead], sae.W_enc_value[~dead]).detach().clone()
     assert resample_dead_atoms(sae, opt, dead, (key, value), sq_err, torch.Generator().manual_seed(0)) == 2
     # "input": the sample minus the decoder offset (b_dec moved a little in the Adam step above)
